@@ -1,0 +1,14 @@
+// Entry points of the CPU kernels, called by the pybind11 module.
+#pragma once
+#include <cstddef>
+
+#include "kernel_table.h"
+
+namespace fusedce {
+
+const char* cpu_isa();
+void cross_entropy_forward(CrossEntropyArgs a, ForwardOut out, int num_threads);
+void cross_entropy_backward(CrossEntropyArgs a, BackwardIO io, int num_threads);
+void advise_huge_pages(uintptr_t ptr, size_t nbytes);
+
+}  // namespace fusedce

@@ -1,0 +1,47 @@
+// Arguments of the CPU cross-entropy kernels. No torch header: Python owns the tensors and passes
+// raw pointers, sizes and strides (see python/fusedce/_native.py, the one place that declares them).
+#pragma once
+#include <cstdint>
+
+namespace fusedce {
+
+// dtype codes shared with python/fusedce/_native.py
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+struct CrossEntropyArgs {
+  // logits: rows x vocab, unit stride along the vocabulary
+  const void* logits = nullptr;
+  int64_t logits_row_stride = 0;
+  int64_t rows = 0;
+  int64_t vocab = 0;
+  int dtype = kFloat32;
+  // targets: class indices (int64, one per row) or class probabilities (rows x vocab)
+  const int64_t* target_index = nullptr;  // null when the targets are probabilities
+  const void* target_prob = nullptr;
+  int64_t target_row_stride = 0;
+  int target_dtype = kFloat32;
+  // optional class weight: vocab entries in the accumulation type (double for fp64 logits, else float)
+  const void* weight = nullptr;
+  double weight_sum = 0;  // sum of the class weights (vocab when there are none); set by the dispatcher
+  // options
+  int64_t ignore_index = -100;
+  double label_smoothing = 0;
+  double z_loss = 0;
+  double softcap = 0;  // 0 = off
+};
+
+// Outputs are in the accumulation type: double for fp64 logits, float otherwise.
+struct ForwardOut {
+  void* loss;  // rows
+  void* lse;   // rows
+};
+
+struct BackwardIO {
+  const void* grad_loss;  // rows, any stride (0 when the loss was summed or averaged)
+  int64_t grad_stride;
+  const void* lse;        // rows, from the forward
+  void* dlogits;          // rows x vocab in the logits dtype, unit stride along the vocabulary
+  int64_t dlogits_row_stride;
+};
+
+}  // namespace fusedce

@@ -1,0 +1,21 @@
+// One set of row kernels per instruction set (kernel_<isa>.cpp); dispatch.cpp picks one at run time.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#include "kernel_args.h"
+
+namespace fusedce {
+
+struct KernelTable {
+  const char* isa;
+  void (*forward_rows)(const CrossEntropyArgs&, const ForwardOut&, int64_t begin, int64_t end);
+  void (*backward_rows)(const CrossEntropyArgs&, const BackwardIO&, int64_t begin, int64_t end);
+};
+
+extern const KernelTable kTable_avx512, kTable_avx2, kTable_baseline;
+
+}  // namespace fusedce

@@ -1,0 +1,9 @@
+"""fusedce: fused single-pass cross-entropy for PyTorch (Triton, CUDA C++ and C++ CPU kernels)."""
+from . import ops  # registers the torch.library custom ops
+from .api import CrossEntropyLoss, cross_entropy
+from .backends import BACKENDS
+from .function import CrossEntropyFunction
+from .reference import unfused_cross_entropy
+
+__version__ = "0.1.0"
+__all__ = ["cross_entropy", "CrossEntropyLoss", "CrossEntropyFunction", "unfused_cross_entropy", "BACKENDS"]

@@ -1,0 +1,81 @@
+"""Backend dispatch: which kernel family serves a tensor. Every backend module has the same two
+functions, forward(logits, target, weight, opts) -> (loss, lse) and
+backward(grad_loss, logits, target, weight, lse, opts, out) (see the kernel contract in DESIGN.md)."""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+from .. import _native
+
+BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
+
+_MODULES = {"cpu": "cpu_backend", "triton": "triton_backend", "torch": "torch_backend"}
+_warned: set = set()
+
+
+def triton_unavailable_reason() -> str | None:
+    """None when Triton kernels can run here; otherwise why not."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install triton)"
+    return None
+
+
+def _triton_serves(device: torch.device) -> str | None:
+    reason = triton_unavailable_reason()
+    if reason:
+        return reason
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None
+    return f"Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got a {device.type} tensor"
+
+
+def _cannot_serve(name: str, device: torch.device) -> str | None:
+    """None when backend `name` can run on `device`; otherwise the reason."""
+    if name == "torch":
+        return None
+    if name == "cpu":
+        if device.type != "cpu":
+            return f"it runs on CPU tensors, got a {device.type} tensor"
+        return None if _native.available() else f"the compiled CPU module failed to import ({_native.IMPORT_ERROR})"
+    if name == "triton":
+        return _triton_serves(device)
+    if name == "cuda":
+        return "fusedce was built without its CUDA kernels"
+    raise AssertionError(name)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def resolve(name: str, device: torch.device) -> str:
+    """Turns a user's backend choice into a concrete backend for `device`, or raises."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}")
+    if name != "auto":
+        reason = _cannot_serve(name, device)
+        if reason:
+            raise RuntimeError(f"backend {name!r} cannot serve this input: {reason}")
+        return name
+    preferred = "cpu" if device.type == "cpu" else "triton"
+    reason = _cannot_serve(preferred, device)
+    if reason is None:
+        return preferred
+    _warn_once(f"{preferred}:{device.type}", f"fusedce: using the pure-PyTorch backend for {device.type} tensors "
+               f"because the {preferred!r} backend is unavailable: {reason}")
+    return "torch"
+
+
+def get(name: str) -> ModuleType:
+    return importlib.import_module(f".{_MODULES[name]}", __name__)

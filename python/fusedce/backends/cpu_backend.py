@@ -1,0 +1,19 @@
+"""C++ CPU kernels (csrc/cpu) behind the backend interface."""
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from ..options import Options, accumulation_dtype
+
+
+def forward(logits, target, weight, opts: Options):
+    acc = accumulation_dtype(logits.dtype)
+    loss = torch.empty(logits.shape[0], dtype=acc)
+    lse = torch.empty(logits.shape[0], dtype=acc)
+    _native.forward(logits, target, weight, opts, loss, lse)
+    return loss, lse
+
+
+def backward(grad_loss, logits, target, weight, lse, opts: Options, out: torch.Tensor) -> None:
+    _native.backward(grad_loss.to(lse.dtype), logits, target, weight, lse, opts, out)

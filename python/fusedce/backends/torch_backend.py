@@ -1,0 +1,98 @@
+"""Pure-PyTorch backend: the same online algorithm as the compiled kernels (see csrc/cpu/kernel_impl.h
+for the math), written with tensor ops over vocabulary chunks. Runs on any device; the fallback when
+no compiled kernel serves the tensor, and a readable statement of what the kernels compute."""
+from __future__ import annotations
+
+import torch
+
+from ..options import Options, accumulation_dtype
+from .. import checks
+
+_CHUNK = 8192  # vocabulary columns per step: bounds the fp32 temporaries to rows x _CHUNK
+
+
+def _capped(x: torch.Tensor, softcap: float) -> torch.Tensor:
+    return softcap * torch.tanh(x / softcap) if softcap > 0 else x
+
+
+def _coefficients(target, weight, opts: Options, vocab: int, start: int, stop: int, acc):
+    """c_j for columns [start, stop) without the (1 - eps) w_t [j == t] term; None when all zero."""
+    smooth = opts.label_smoothing / vocab
+    w = weight[start:stop].to(acc) if weight is not None else None
+    if target.is_floating_point():
+        c = target[:, start:stop].to(acc) * (1 - opts.label_smoothing) + smooth
+        return c * w if w is not None else c
+    if opts.label_smoothing == 0:
+        return None
+    c = torch.full((stop - start,), smooth, dtype=acc, device=target.device)
+    return (c * w if w is not None else c).expand(target.shape[0], -1)
+
+
+def _target_terms(logits, target, weight, opts: Options, acc):
+    """For class-index targets: (x'_t, w_t, valid row mask); rows with a bad target are NaN on devices
+    where checking would need a host sync."""
+    checks.check_target_range(target, logits.shape[1], opts.ignore_index)
+    valid = target != opts.ignore_index
+    in_range = (target >= 0) & (target < logits.shape[1])
+    safe = torch.where(in_range, target, torch.zeros_like(target))
+    xt = _capped(logits.gather(1, safe[:, None])[:, 0].to(acc), opts.softcap)
+    wt = weight.to(acc)[safe] if weight is not None else torch.ones_like(xt)
+    bad = valid & ~in_range
+    xt = torch.where(bad, torch.full_like(xt, float("nan")), xt)
+    return xt, wt, valid
+
+
+def forward(logits, target, weight, opts: Options):
+    rows, vocab = logits.shape
+    acc = accumulation_dtype(logits.dtype)
+    m = torch.full((rows,), torch.finfo(acc).min, dtype=acc, device=logits.device)
+    s, k, cx = (torch.zeros(rows, dtype=acc, device=logits.device) for _ in range(3))
+    for start in range(0, vocab, _CHUNK):
+        stop = min(start + _CHUNK, vocab)
+        x = _capped(logits[:, start:stop].to(acc), opts.softcap)
+        m_new = torch.maximum(m, x.amax(1))
+        s = s * torch.exp(m - m_new) + torch.exp(x - m_new[:, None]).sum(1)
+        c = _coefficients(target, weight, opts, vocab, start, stop, acc)
+        if c is not None:  # sum c (x' - m), shifted with m as in the kernels
+            cx = torch.where(k > 0, cx - k * (m_new - m), cx) + (c * (x - m_new[:, None])).sum(1)
+            k = k + c.sum(1)
+        m = m_new
+    lse = m + torch.log(s)
+    loss = k * (lse - m) - cx
+    if not target.is_floating_point():
+        xt, wt, valid = _target_terms(logits, target, weight, opts, acc)
+        loss = loss + (1 - opts.label_smoothing) * wt * (lse - xt)
+    loss = loss + opts.z_loss * lse * lse
+    if not target.is_floating_point():
+        loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return loss, lse
+
+
+def backward(grad_loss, logits, target, weight, lse, opts: Options, out: torch.Tensor) -> None:
+    rows, vocab = logits.shape
+    acc = accumulation_dtype(logits.dtype)
+    g = grad_loss.to(acc)
+    index = not target.is_floating_point()
+    if index:
+        _, wt, valid = _target_terms(logits, target, weight, opts, acc)
+        w_sum = weight.to(acc).sum() if weight is not None else vocab
+        k = (1 - opts.label_smoothing) * wt + opts.label_smoothing / vocab * w_sum
+    else:
+        k = sum(_coefficients(target, weight, opts, vocab, a, min(a + _CHUNK, vocab), acc).sum(1)
+                for a in range(0, vocab, _CHUNK))
+    coef = (k + 2 * opts.z_loss * lse)[:, None]
+    for start in range(0, vocab, _CHUNK):
+        stop = min(start + _CHUNK, vocab)
+        x = _capped(logits[:, start:stop].to(acc), opts.softcap)
+        d = torch.exp(x - lse[:, None]) * coef
+        c = _coefficients(target, weight, opts, vocab, start, stop, acc)
+        if c is not None:
+            d = d - c
+        if index:
+            hit = (target >= start) & (target < stop)
+            col = torch.where(hit, target - start, torch.zeros_like(target))[:, None]
+            d.scatter_add_(1, col, (-(1 - opts.label_smoothing) * wt * hit)[:, None])
+        if opts.softcap > 0:
+            d = d * (1 - (x / opts.softcap) ** 2)
+        d = d * g[:, None]
+        out[:, start:stop] = torch.where(valid[:, None], d, torch.zeros_like(d)) if index else d

@@ -1,0 +1,113 @@
+"""The op layer: opcheck on each custom op, torch.compile without graph breaks, the in-place option."""
+import pytest
+import torch
+
+import fusedce
+from conftest import device_of
+from reference import assert_close, reference_loss, to64
+
+OPTION_SETS = [(-100, 0.0, 0.0, 0.0), (3, 0.1, 1e-3, 4.0)]
+
+
+def op_args(backend, soft, options, device):
+    logits = torch.randn(5, 33, device=device)
+    if soft:
+        target = torch.softmax(torch.randn(5, 33, device=device), 1)
+        options = (-100,) + options[1:]
+    else:
+        target = torch.randint(0, 33, (5,), device=device)
+        target[0] = 3
+    weight = torch.rand(33, device=device)
+    return logits, target, weight, options
+
+
+@pytest.mark.parametrize("soft", [False, True], ids=["index", "probs"])
+@pytest.mark.parametrize("options", OPTION_SETS, ids=["plain", "options"])
+def test_opcheck(backend, soft, options):
+    device = device_of(backend)
+    logits, target, weight, options = op_args(backend, soft, options, device)
+    fwd_args = (logits.clone().requires_grad_(), target, weight, *options, backend)
+    torch.library.opcheck(torch.ops.fusedce.cross_entropy_forward.default, fwd_args)
+    loss, lse = torch.ops.fusedce.cross_entropy_forward(logits, target, weight, *options, backend)
+    for grad in (torch.rand(5, device=device), torch.ones((), device=device).expand(5)):  # stride 0 too
+        bwd_args = (grad, logits, target, weight, lse, *options, backend)
+        torch.library.opcheck(torch.ops.fusedce.cross_entropy_backward.default, bwd_args)
+        torch.library.opcheck(torch.ops.fusedce.cross_entropy_backward_.default,
+                              (grad, logits.clone(), *bwd_args[2:]))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compile_fullgraph(backend, reduction):
+    device = device_of(backend)
+    if backend == "triton" and device == "cpu":
+        pytest.skip("Inductor cannot compile Triton-interpreter kernels for CPU tensors")
+    logits = torch.randn(6, 50, device=device)
+    target = torch.randint(0, 50, (6,), device=device)
+
+    def step(x, t):
+        loss = fusedce.cross_entropy(x * 2.0, t, label_smoothing=0.1, z_loss=1e-4, reduction=reduction,
+                                     backend=backend)
+        return loss.sum()
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if device == "cpu" else "inductor")
+    x, xe = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    out, ref = compiled(x, target), step(xe, target)
+    out.backward()
+    ref.backward()
+    assert_close(out, ref, torch.float32)
+    assert_close(x.grad, xe.grad, torch.float32)
+
+
+def test_inplace_backward_matches_and_reuses_memory(backend):
+    device = device_of(backend)
+    w = torch.randn(16, 40, device=device, requires_grad=True)
+    h = torch.randn(8, 16, device=device)
+    target = torch.randint(0, 40, (8,), device=device)
+
+    logits = h @ w  # matmul saves h and w, not its output: overwriting the logits is safe here
+    ptr = logits.data_ptr()
+    captured = {}
+    logits.register_hook(lambda g: captured.update(ptr=g.data_ptr()))
+    fusedce.cross_entropy(logits, target, label_smoothing=0.1, inplace_backward=True, backend=backend).backward()
+    assert captured["ptr"] == ptr  # the gradient lives in the logits' memory
+
+    w64 = to64(w).requires_grad_()
+    reference_loss(h.double() @ w64, target, label_smoothing=0.1).backward()
+    assert_close(w.grad, w64.grad, torch.float32, scale=w64.grad.abs().max().item())
+
+
+def test_inplace_backward_refuses_to_corrupt_saved_logits(backend):
+    device = device_of(backend)
+    y = torch.randn(4, 30, device=device, requires_grad=True)
+    logits = torch.exp(y)  # exp saves its output for its backward
+    target = torch.randint(0, 30, (4,), device=device)
+    loss = fusedce.cross_entropy(logits, target, inplace_backward=True, backend=backend)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_inplace_backward_rejects_leaf(backend):
+    x = torch.randn(4, 30, device=device_of(backend), requires_grad=True)
+    target = torch.randint(0, 30, (4,), device=x.device)
+    with pytest.raises(RuntimeError, match="leaf"):
+        fusedce.cross_entropy(x, target, inplace_backward=True, backend=backend)
+
+
+def test_autograd_function_is_public(backend):
+    device = device_of(backend)
+    x = torch.randn(3, 20, device=device, requires_grad=True)
+    target = torch.randint(0, 20, (3,), device=device)
+    loss, lse = fusedce.CrossEntropyFunction.apply(x, target, None, -100, 0.0, 0.0, 0.0, backend)
+    loss.sum().backward()
+    x64 = to64(x).requires_grad_()
+    reference_loss(x64, target, reduction="sum").backward()
+    assert_close(x.grad, x64.grad, torch.float32)
+
+
+def test_weight_requiring_grad_raises_like_torch(backend):
+    device = device_of(backend)
+    x = torch.randn(3, 20, device=device, requires_grad=True)
+    weight = torch.rand(20, device=device, requires_grad=True)
+    loss = fusedce.cross_entropy(x, torch.randint(0, 20, (3,), device=device), weight=weight, backend=backend)
+    with pytest.raises(RuntimeError, match="weight"):
+        loss.backward()
