@@ -30,7 +30,7 @@ cpu_extension = Pybind11Extension(
     CPU_SOURCES,
     cxx_std=17,
     # -O3 for the vectoriser; no -march: instruction sets are chosen at run time (kernel_<isa>.cpp).
-    extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi"],
+    extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno", "-Wno-psabi", "-Wvector-operation-performance"],
     extra_link_args=["-fopenmp"],
 )
 

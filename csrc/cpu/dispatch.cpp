@@ -5,19 +5,33 @@
 #include <omp.h>
 #include <sys/mman.h>
 
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
 namespace fusedce {
 namespace {
 
+bool cpu_has_avx512() {
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+bool cpu_has_avx2() {
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+}
+
+// FUSEDCE_CPU_ISA=avx2|baseline forces a narrower instruction set than the CPU has (the tests use it to
+// cover every variant on one machine); a wider one than the CPU supports is refused.
 const KernelTable& pick_table() {
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return kTable_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
-    return kTable_avx2;
+  if (const char* forced = std::getenv("FUSEDCE_CPU_ISA")) {
+    const std::string isa = forced;
+    if (isa == "baseline") return kTable_baseline;
+    if (isa == "avx2" && cpu_has_avx2()) return kTable_avx2;
+    if (isa == "avx512" && cpu_has_avx512()) return kTable_avx512;
+  }
+  if (cpu_has_avx512()) return kTable_avx512;
+  if (cpu_has_avx2()) return kTable_avx2;
   return kTable_baseline;
 }
 
@@ -47,6 +61,16 @@ double weight_sum(const CrossEntropyArgs& a) {
   return s;
 }
 
+// Outputs larger than this are written with streaming stores (see stream_bytes in kernel_impl.h):
+// well beyond the last-level cache, so nothing would be read back from cache anyway.
+constexpr int64_t kStreamingMinBytes = int64_t(64) << 40;
+
+BackwardIO with_store_mode(BackwardIO io, const CrossEntropyArgs& a) {
+  const int64_t bytes = a.rows * a.vocab * (a.dtype == kFloat32 ? 4 : a.dtype == kFloat64 ? 8 : 2);
+  io.streaming = bytes >= kStreamingMinBytes;
+  return io;
+}
+
 // Static split of rows over threads: rows cost the same, and contiguous ranges keep streams sequential.
 template <typename Fn>
 void parallel_rows(int64_t rows, int num_threads, Fn fn) {
@@ -57,6 +81,7 @@ void parallel_rows(int64_t rows, int num_threads, Fn fn) {
     const int64_t id = omp_get_thread_num(), n = omp_get_num_threads();
     const int64_t begin = rows * id / n, end = rows * (id + 1) / n;
     fn(begin, end);
+    _mm_sfence();  // order this thread's streaming stores before the caller reads the output
   }
 }
 
@@ -64,16 +89,19 @@ void parallel_rows(int64_t rows, int num_threads, Fn fn) {
 
 const char* cpu_isa() { return table().isa; }
 
-void cross_entropy_forward(CrossEntropyArgs a, ForwardOut out, int num_threads) {
+void cross_entropy_forward(CrossEntropyArgs a, ForwardOut out, const BackwardIO* grad, int num_threads) {
   check_targets(a);
   a.weight_sum = weight_sum(a);
   const KernelTable& t = table();
-  parallel_rows(a.rows, num_threads, [&](int64_t b, int64_t e) { t.forward_rows(a, out, b, e); });
+  BackwardIO io = grad ? with_store_mode(*grad, a) : BackwardIO{};
+  const BackwardIO* g = grad ? &io : nullptr;
+  parallel_rows(a.rows, num_threads, [&](int64_t b, int64_t e) { t.forward_rows(a, out, g, b, e); });
 }
 
 void cross_entropy_backward(CrossEntropyArgs a, BackwardIO io, int num_threads) {
   check_targets(a);
   a.weight_sum = weight_sum(a);
+  io = with_store_mode(io, a);
   const KernelTable& t = table();
   parallel_rows(a.rows, num_threads, [&](int64_t b, int64_t e) { t.backward_rows(a, io, b, e); });
 }

@@ -13,8 +13,8 @@
 // The online pass keeps the running max m and s = sum exp(x' - m) per block:
 //   m' = max(m, max(x_blk)); s' = s exp(m - m') + sum exp(x_blk - m')
 // and sum c (x' - m), shifted the same way, so the smoothing term never subtracts two large numbers.
-#ifndef FUSEDCE_ISA
-#error "define FUSEDCE_ISA before including kernel_impl.h"
+#if !defined(FUSEDCE_ISA) || !defined(FUSEDCE_VEC_BYTES)
+#error "define FUSEDCE_ISA and FUSEDCE_VEC_BYTES before including kernel_impl.h"
 #endif
 
 #define FUSEDCE_CAT_(a, b) a##b
@@ -25,10 +25,11 @@ namespace FUSEDCE_CAT(isa_, FUSEDCE_ISA) {
 
 constexpr int64_t kBlock = 2048;  // elements per block: a few KiB, stays in L1
 
-// 64-byte vectors; the compiler lowers them to zmm, 2 x ymm or 4 x xmm registers per target.
-typedef float vf32 __attribute__((vector_size(64)));
-typedef int32_t vi32 __attribute__((vector_size(64)));
-typedef double vf64 __attribute__((vector_size(64)));
+// Vectors as wide as the target's registers (FUSEDCE_VEC_BYTES, set by kernel_<isa>.cpp): GCC splits
+// wider generic vectors into scalar code, not into several registers.
+typedef float vf32 __attribute__((vector_size(FUSEDCE_VEC_BYTES)));
+typedef int32_t vi32 __attribute__((vector_size(FUSEDCE_VEC_BYTES)));
+typedef double vf64 __attribute__((vector_size(FUSEDCE_VEC_BYTES)));
 
 struct BF16 {
   uint16_t bits;
@@ -68,13 +69,13 @@ struct Vec;
 template <>
 struct Vec<float> {
   using V = vf32;
-  static constexpr int kLanes = 16;
+  static constexpr int kLanes = FUSEDCE_VEC_BYTES / 4;
   static V exp(V x) { return exp_nonpositive(x); }
 };
 template <>
 struct Vec<double> {
   using V = vf64;
-  static constexpr int kLanes = 8;
+  static constexpr int kLanes = FUSEDCE_VEC_BYTES / 8;
   static V exp(V x) {
     for (int i = 0; i < kLanes; ++i) x[i] = std::exp(x[i]);
     return x;
@@ -126,18 +127,41 @@ inline void convert_out(const Acc* src, int64_t n, T* dst) {
   }
 }
 
-template <typename Acc>
-inline void store_block(void* base, int dtype, int64_t n, const Acc* src) {
-  switch (dtype) {
-    case kFloat32: return convert_out(src, n, static_cast<float*>(base));
-    case kFloat16: return convert_out(src, n, static_cast<_Float16*>(base));
-    case kBFloat16: return convert_out(src, n, static_cast<BF16*>(base));
-    default: return convert_out(src, n, static_cast<double*>(base));
-  }
-}
-
 inline int64_t element_size(int dtype) {
   return dtype == kFloat32 ? 4 : dtype == kFloat64 ? 8 : 2;
+}
+
+// Copies with non-temporal 16-byte stores (SSE2, so every x86-64 has them): a gradient far larger
+// than the caches is not read back soon, and streaming stores skip the read-for-ownership of each
+// destination line, which otherwise costs as much memory traffic as the write itself.
+inline void stream_bytes(void* dst, const void* src, int64_t nbytes) {
+  char* d = static_cast<char*>(dst);
+  const char* s = static_cast<const char*>(src);
+  const int64_t head = std::min<int64_t>(int64_t(-reinterpret_cast<uintptr_t>(d) & 15), nbytes);
+  std::memcpy(d, s, head);
+  d += head, s += head, nbytes -= head;
+  const int64_t body = nbytes & ~int64_t(15);
+  for (int64_t i = 0; i < body; i += 16)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+  std::memcpy(d + body, s + body, nbytes - body);
+}
+
+template <typename T, typename Acc>
+inline void store_as(const Acc* src, int64_t n, void* dst, bool streaming) {
+  if (!streaming) return convert_out(src, n, static_cast<T*>(dst));
+  alignas(64) T tmp[kBlock];
+  convert_out(src, n, tmp);
+  stream_bytes(dst, tmp, n * int64_t(sizeof(T)));
+}
+
+template <typename Acc>
+inline void store_block(void* base, int dtype, int64_t n, const Acc* src, bool streaming) {
+  switch (dtype) {
+    case kFloat32: return store_as<float>(src, n, base, streaming);
+    case kFloat16: return store_as<_Float16>(src, n, base, streaming);
+    case kBFloat16: return store_as<BF16>(src, n, base, streaming);
+    default: return store_as<double>(src, n, base, streaming);
+  }
 }
 inline const void* offset(const void* p, int dtype, int64_t elements) {
   return static_cast<const char*>(p) + elements * element_size(dtype);
@@ -152,42 +176,55 @@ template <typename Acc>
 struct RowContext {
   const CrossEntropyArgs& a;
   int64_t row;
-  int64_t t;        // class index, or -1 for probability targets
-  bool has_c;       // whether the per-class coefficients c_j are needed (smoothing or probabilities)
-  Acc smooth;       // eps / V
-  Acc* x;           // block of softcapped logits, padded with -inf
-  Acc* c;           // block of c_j without the (1-eps) w_t [j == t] term, padded with 0
+  int64_t t;   // class index, or -1 for probability targets
+  bool has_c;  // whether the per-class coefficients c_j are needed (smoothing or probabilities)
+  Acc smooth;  // eps / V
 };
 
-// Loads logits [begin, begin + n) of the row into ctx.x (softcapped) and, when needed, the
-// coefficients into ctx.c. Returns n rounded up to whole vectors.
+// The fused mode keeps a row's softcapped logits x' and e = exp(x' - m_b) (m_b: the running max when
+// block b was read) so that the gradient pass needs no second exp: p = e * exp(m_b - lse).
 template <typename Acc>
-inline int64_t load_row_block(const RowContext<Acc>& ctx, int64_t begin, int64_t n) {
+struct RowCache {
+  std::vector<Acc> x, e, m;
+  explicit RowCache(int64_t vocab)
+      : x(vocab + Vec<Acc>::kLanes), e(vocab + Vec<Acc>::kLanes), m((vocab + kBlock - 1) / kBlock) {}
+};
+
+// Logits [begin, begin + n) of the row, softcapped and padded with -inf to whole vectors (exp(-inf - m)
+// = 0 for the finite running max m; loops over c stop at n). Points into the logits themselves when
+// they are already in the accumulation type and need no padding or cap; otherwise into dst.
+template <typename Acc>
+inline const Acc* load_logits_block(const RowContext<Acc>& ctx, int64_t begin, int64_t n, Acc* dst) {
   const CrossEntropyArgs& a = ctx.a;
-  const int lanes = Vec<Acc>::kLanes;
-  const int64_t np = padded(n, lanes);
-  load_block(offset(a.logits, a.dtype, ctx.row * a.logits_row_stride + begin), a.dtype, n, ctx.x);
+  const int64_t np = padded(n, Vec<Acc>::kLanes);
+  const void* src = offset(a.logits, a.dtype, ctx.row * a.logits_row_stride + begin);
+  if (a.dtype == (std::is_same_v<Acc, double> ? kFloat64 : kFloat32) && a.softcap == 0 && np == n)
+    return static_cast<const Acc*>(src);
+  load_block(src, a.dtype, n, dst);
   if (a.softcap > 0) {
     const Acc cap = Acc(a.softcap), inv = Acc(1) / cap;
-    for (int64_t i = 0; i < n; ++i) ctx.x[i] = cap * std::tanh(ctx.x[i] * inv);
+    for (int64_t i = 0; i < n; ++i) dst[i] = cap * std::tanh(dst[i] * inv);
   }
-  // -inf padding adds exp(-inf - m) = 0 to the sum (m is finite); the c loops stop at n instead
-  for (int64_t i = n; i < np; ++i) ctx.x[i] = -std::numeric_limits<Acc>::infinity();
-  if (ctx.has_c) {
-    const Acc* w = a.weight ? static_cast<const Acc*>(a.weight) + begin : nullptr;
-    if (ctx.t < 0) {  // probabilities: c = w ((1 - eps) q + eps / V)
-      load_block(offset(a.target_prob, a.target_dtype, ctx.row * a.target_row_stride + begin),
-                 a.target_dtype, n, ctx.c);
-      const Acc keep = Acc(1 - a.label_smoothing);
-      for (int64_t i = 0; i < n; ++i) ctx.c[i] = ctx.c[i] * keep + ctx.smooth;
-      if (w)
-        for (int64_t i = 0; i < n; ++i) ctx.c[i] *= w[i];
-    } else {  // class index with smoothing: c = (eps / V) w
-      for (int64_t i = 0; i < n; ++i) ctx.c[i] = w ? ctx.smooth * w[i] : ctx.smooth;
-    }
-    for (int64_t i = n; i < np; ++i) ctx.c[i] = 0;
+  for (int64_t i = n; i < np; ++i) dst[i] = -std::numeric_limits<Acc>::infinity();
+  return dst;
+}
+
+// Loads c_j for [begin, begin + n) into dst (zero padded), without the (1-eps) w_t [j == t] term.
+template <typename Acc>
+inline void load_coef_block(const RowContext<Acc>& ctx, int64_t begin, int64_t n, Acc* dst) {
+  const CrossEntropyArgs& a = ctx.a;
+  const Acc* w = a.weight ? static_cast<const Acc*>(a.weight) + begin : nullptr;
+  if (ctx.t < 0) {  // probabilities: c = w ((1 - eps) q + eps / V)
+    load_block(offset(a.target_prob, a.target_dtype, ctx.row * a.target_row_stride + begin), a.target_dtype, n,
+               dst);
+    const Acc keep = Acc(1 - a.label_smoothing);
+    for (int64_t i = 0; i < n; ++i) dst[i] = dst[i] * keep + ctx.smooth;
+    if (w)
+      for (int64_t i = 0; i < n; ++i) dst[i] *= w[i];
+  } else {  // class index with smoothing: c = (eps / V) w
+    for (int64_t i = 0; i < n; ++i) dst[i] = w ? ctx.smooth * w[i] : ctx.smooth;
   }
-  return np;
+  std::fill(dst + n, dst + padded(n, Vec<Acc>::kLanes), Acc(0));
 }
 
 template <typename Acc>
@@ -197,43 +234,64 @@ inline Acc horizontal_sum(typename Vec<Acc>::V v) {
   return s;
 }
 
+template <typename Acc>
+inline Acc capped_logit(const CrossEntropyArgs& a, int64_t row, int64_t j) {
+  Acc x;
+  load_block(offset(a.logits, a.dtype, row * a.logits_row_stride + j), a.dtype, 1, &x);
+  return a.softcap > 0 ? Acc(a.softcap) * std::tanh(x / Acc(a.softcap)) : x;
+}
+
 // ---- forward: loss and lse of one row --------------------------------------------------------
 
 template <typename Acc>
-void forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int64_t row, Acc* xbuf, Acc* cbuf) {
+void forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int64_t row, Acc* xbuf, Acc* cbuf,
+                 RowCache<Acc>* cache) {
   using V = typename Vec<Acc>::V;
   const int lanes = Vec<Acc>::kLanes;
   const int64_t t = a.target_index ? a.target_index[row] : -1;
   const bool ignored = a.target_index && t == a.ignore_index;
-  const bool has_c = !a.target_index || a.label_smoothing > 0;
-  RowContext<Acc> ctx{a, row, t, has_c && !ignored, Acc(a.label_smoothing / double(a.vocab)), xbuf, cbuf};
+  const bool has_c = (!a.target_index || a.label_smoothing > 0) && !ignored;
+  const RowContext<Acc> ctx{a, row, t, has_c, Acc(a.label_smoothing / double(a.vocab))};
 
   Acc m = std::numeric_limits<Acc>::lowest();  // finite, so (-inf) - m is -inf, never NaN
   Acc s = 0, k = 0, cx = 0;                     // k = sum c, cx = sum c (x' - m)
   for (int64_t begin = 0; begin < a.vocab; begin += kBlock) {
-    const int64_t np = load_row_block(ctx, begin, std::min(kBlock, a.vocab - begin));
-    V vmax = load_vec(xbuf);
+    const int64_t n = std::min(kBlock, a.vocab - begin), np = padded(n, lanes);
+    const Acc* x = load_logits_block(ctx, begin, n, cache ? cache->x.data() + begin : xbuf);
+    V vmax = load_vec(x);
     for (int64_t i = lanes; i < np; i += lanes) {
-      V v = load_vec(xbuf + i);
+      V v = load_vec(x + i);
       vmax = v > vmax ? v : vmax;
     }
     Acc m_new = m;
     for (int i = 0; i < lanes; ++i) m_new = vmax[i] > m_new ? vmax[i] : m_new;
-    V vs = {}, vk = {}, vcx = {};
-    for (int64_t i = 0; i < np; i += lanes) vs += Vec<Acc>::exp(load_vec(xbuf + i) - m_new);
-    if (ctx.has_c) {
-      const int64_t n = std::min(kBlock, a.vocab - begin), n_vec = n / lanes * lanes;
+    V vs = {};
+    if (cache) {
+      Acc* e = cache->e.data() + begin;
+      for (int64_t i = 0; i < np; i += lanes) {
+        V ev = Vec<Acc>::exp(load_vec(x + i) - m_new);
+        store_vec(e + i, ev);
+        vs += ev;
+      }
+      cache->m[begin / kBlock] = m_new;
+    } else {
+      for (int64_t i = 0; i < np; i += lanes) vs += Vec<Acc>::exp(load_vec(x + i) - m_new);
+    }
+    if (has_c) {
+      load_coef_block(ctx, begin, n, cbuf);
+      const int64_t n_vec = n / lanes * lanes;
+      V vk = {}, vcx = {};
       for (int64_t i = 0; i < n_vec; i += lanes) {
         V c = load_vec(cbuf + i);
         vk += c;
-        vcx += c * (load_vec(xbuf + i) - m_new);
+        vcx += c * (load_vec(x + i) - m_new);
       }
       cx = k > 0 ? cx - k * (m_new - m) : cx;
       cx += horizontal_sum<Acc>(vcx);
       k += horizontal_sum<Acc>(vk);
       for (int64_t i = n_vec; i < n; ++i) {
         k += cbuf[i];
-        cx += cbuf[i] * (xbuf[i] - m_new);
+        cx += cbuf[i] * (x[i] - m_new);
       }
     }
     s = s * std::exp(m - m_new) + horizontal_sum<Acc>(vs);
@@ -244,11 +302,8 @@ void forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int64_t row, 
   if (!ignored) {
     loss = k * (lse - m) - cx;
     if (t >= 0) {
-      Acc xt;
-      load_block(offset(a.logits, a.dtype, row * a.logits_row_stride + t), a.dtype, 1, &xt);
-      if (a.softcap > 0) xt = Acc(a.softcap) * std::tanh(xt / Acc(a.softcap));
       const Acc wt = a.weight ? static_cast<const Acc*>(a.weight)[t] : Acc(1);
-      loss += Acc(1 - a.label_smoothing) * wt * (lse - xt);
+      loss += Acc(1 - a.label_smoothing) * wt * (lse - capped_logit<Acc>(a, row, t));
     }
     loss += Acc(a.z_loss) * lse * lse;
   }
@@ -259,78 +314,102 @@ void forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int64_t row, 
 // ---- backward: dlogits of one row ---------------------------------------------------------------
 
 template <typename Acc>
-void backward_row(const CrossEntropyArgs& a, const BackwardIO& io, int64_t row, Acc* xbuf, Acc* cbuf) {
+void backward_row(const CrossEntropyArgs& a, const BackwardIO& io, int64_t row, Acc* xbuf, Acc* cbuf,
+                  const RowCache<Acc>* cache) {
   using V = typename Vec<Acc>::V;
   const int lanes = Vec<Acc>::kLanes;
   const int64_t t = a.target_index ? a.target_index[row] : -1;
   const bool has_c = !a.target_index || a.label_smoothing > 0;
-  RowContext<Acc> ctx{a, row, t, has_c, Acc(a.label_smoothing / double(a.vocab)), xbuf, cbuf};
+  const RowContext<Acc> ctx{a, row, t, has_c, Acc(a.label_smoothing / double(a.vocab))};
   void* drow = static_cast<char*>(io.dlogits) + row * io.dlogits_row_stride * element_size(a.dtype);
 
   if (a.target_index && t == a.ignore_index) {
-    std::fill(xbuf, xbuf + kBlock, Acc(0));
+    std::fill(cbuf, cbuf + kBlock, Acc(0));
     for (int64_t begin = 0; begin < a.vocab; begin += kBlock)
-      store_block(offset(drow, a.dtype, begin), a.dtype, std::min(kBlock, a.vocab - begin), xbuf);
+      store_block(offset(drow, a.dtype, begin), a.dtype, std::min(kBlock, a.vocab - begin), cbuf, io.streaming);
     return;
   }
   const Acc g = static_cast<const Acc*>(io.grad_loss)[row * io.grad_stride];
   const Acc lse = static_cast<const Acc*>(io.lse)[row];
   const Acc keep = Acc(1 - a.label_smoothing);
-  Acc wt = 0, k;  // k = sum c
+  Acc wt = 0, k = 0;  // k = sum c
   if (t >= 0) {
     wt = a.weight ? static_cast<const Acc*>(a.weight)[t] : Acc(1);
     k = keep * wt + ctx.smooth * Acc(a.weight_sum);
   } else {  // probabilities: one extra pass over the targets for k
-    k = 0;
     for (int64_t begin = 0; begin < a.vocab; begin += kBlock) {
-      const int64_t np = load_row_block(ctx, begin, std::min(kBlock, a.vocab - begin));
+      const int64_t n = std::min(kBlock, a.vocab - begin);
+      load_coef_block(ctx, begin, n, cbuf);
       V vk = {};
-      for (int64_t i = 0; i < np; i += lanes) vk += load_vec(cbuf + i);
+      for (int64_t i = 0; i < padded(n, lanes); i += lanes) vk += load_vec(cbuf + i);
       k += horizontal_sum<Acc>(vk);
     }
   }
-  const Acc coef = k + Acc(2 * a.z_loss) * lse;
+  const Acc coef_g = (k + Acc(2 * a.z_loss) * lse) * g;  // dloss/dx'_j = g (p_j coef - c_j)
   const Acc cap = Acc(a.softcap);
   for (int64_t begin = 0; begin < a.vocab; begin += kBlock) {
-    const int64_t n = std::min(kBlock, a.vocab - begin);
-    const int64_t np = load_row_block(ctx, begin, n);
-    for (int64_t i = 0; i < np; i += lanes) {
-      V x = load_vec(xbuf + i);
-      V d = Vec<Acc>::exp(x - lse) * coef;
-      if (has_c) d -= load_vec(cbuf + i);
-      store_vec(cbuf + i, d);  // cbuf now holds dloss/dx'
+    const int64_t n = std::min(kBlock, a.vocab - begin), np = padded(n, lanes);
+    const Acc* x;
+    if (cache) {
+      // the gradient pass reads only the cache: meanwhile, fetch the same block of the next row
+      if (row + 1 < a.rows) {
+        const char* next = static_cast<const char*>(
+            offset(a.logits, a.dtype, (row + 1) * a.logits_row_stride + begin));
+        for (int64_t byte = 0; byte < n * element_size(a.dtype); byte += 64) __builtin_prefetch(next + byte, 0, 3);
+      }
+      x = cache->x.data() + begin;  // read only with a softcap, which always fills the cache
+      const Acc* e = cache->e.data() + begin;
+      const Acc scale = std::exp(cache->m[begin / kBlock] - lse) * coef_g;  // p = e exp(m_b - lse)
+      for (int64_t i = 0; i < np; i += lanes) store_vec(cbuf + i, load_vec(e + i) * scale);
+    } else {
+      x = load_logits_block(ctx, begin, n, xbuf);
+      for (int64_t i = 0; i < np; i += lanes) store_vec(cbuf + i, Vec<Acc>::exp(load_vec(x + i) - lse) * coef_g);
     }
-    if (t >= begin && t < begin + n) cbuf[t - begin] -= keep * wt;
+    if (has_c) {  // cbuf holds g p coef; subtract g c
+      alignas(64) Acc c[kBlock];
+      load_coef_block(ctx, begin, n, c);
+      for (int64_t i = 0; i < np; i += lanes) store_vec(cbuf + i, load_vec(cbuf + i) - load_vec(c + i) * g);
+    }
+    if (t >= begin && t < begin + n) cbuf[t - begin] -= keep * wt * g;
     if (cap > 0) {
       const Acc inv = Acc(1) / cap;
       for (int64_t i = 0; i < np; i += lanes) {
-        V y = load_vec(xbuf + i) * inv;
+        V y = load_vec(x + i) * inv;
         store_vec(cbuf + i, load_vec(cbuf + i) * (Acc(1) - y * y));
       }
     }
-    for (int64_t i = 0; i < np; i += lanes) store_vec(cbuf + i, load_vec(cbuf + i) * g);
-    store_block(offset(drow, a.dtype, begin), a.dtype, n, cbuf);
+    store_block(offset(drow, a.dtype, begin), a.dtype, n, cbuf, io.streaming);
   }
 }
 
-// Entry points called by dispatch.cpp, one thread's share of the rows at a time.
-inline void forward_rows(const CrossEntropyArgs& a, const ForwardOut& out, int64_t begin, int64_t end) {
-  if (a.dtype == kFloat64) {
-    alignas(64) double x[kBlock], c[kBlock];
-    for (int64_t r = begin; r < end; ++r) forward_row<double>(a, out, r, x, c);
-  } else {
-    alignas(64) float x[kBlock], c[kBlock];
-    for (int64_t r = begin; r < end; ++r) forward_row<float>(a, out, r, x, c);
+// Entry points called by dispatch.cpp, one thread's share of the rows at a time. With `grad`, the
+// forward also writes dlogits while the row is still in cache (the fused mode: 2S bytes, not 3S).
+template <typename Acc>
+void forward_rows_acc(const CrossEntropyArgs& a, const ForwardOut& out, const BackwardIO* grad, int64_t begin,
+                      int64_t end) {
+  alignas(64) Acc x[kBlock], c[kBlock];
+  std::unique_ptr<RowCache<Acc>> cache(grad ? new RowCache<Acc>(a.vocab) : nullptr);
+  for (int64_t r = begin; r < end; ++r) {
+    forward_row<Acc>(a, out, r, x, c, cache.get());
+    if (grad) backward_row<Acc>(a, *grad, r, x, c, cache.get());
   }
+}
+
+inline void forward_rows(const CrossEntropyArgs& a, const ForwardOut& out, const BackwardIO* grad, int64_t begin,
+                         int64_t end) {
+  if (a.dtype == kFloat64)
+    forward_rows_acc<double>(a, out, grad, begin, end);
+  else
+    forward_rows_acc<float>(a, out, grad, begin, end);
 }
 
 inline void backward_rows(const CrossEntropyArgs& a, const BackwardIO& io, int64_t begin, int64_t end) {
   if (a.dtype == kFloat64) {
     alignas(64) double x[kBlock], c[kBlock];
-    for (int64_t r = begin; r < end; ++r) backward_row<double>(a, io, r, x, c);
+    for (int64_t r = begin; r < end; ++r) backward_row<double>(a, io, r, x, c, nullptr);
   } else {
     alignas(64) float x[kBlock], c[kBlock];
-    for (int64_t r = begin; r < end; ++r) backward_row<float>(a, io, r, x, c);
+    for (int64_t r = begin; r < end; ++r) backward_row<float>(a, io, r, x, c, nullptr);
   }
 }
 

@@ -1,10 +1,14 @@
 // One set of row kernels per instruction set (kernel_<isa>.cpp); dispatch.cpp picks one at run time.
 #pragma once
+#include <emmintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <type_traits>
+#include <vector>
 
 #include "kernel_args.h"
 
@@ -12,7 +16,8 @@ namespace fusedce {
 
 struct KernelTable {
   const char* isa;
-  void (*forward_rows)(const CrossEntropyArgs&, const ForwardOut&, int64_t begin, int64_t end);
+  void (*forward_rows)(const CrossEntropyArgs&, const ForwardOut&, const BackwardIO* grad, int64_t begin,
+                       int64_t end);
   void (*backward_rows)(const CrossEntropyArgs&, const BackwardIO&, int64_t begin, int64_t end);
 };
 

@@ -51,11 +51,15 @@ CrossEntropyArgs make_args(uintptr_t logits, int64_t logits_row_stride, int64_t 
       py::arg("target_dtype"), py::arg("weight"), py::arg("ignore_index"), py::arg("label_smoothing"), \
       py::arg("z_loss"), py::arg("softcap")
 
-void forward(FUSEDCE_ARGS, uintptr_t loss, uintptr_t lse, int num_threads) {
+// dlogits = 0: loss and lse only; otherwise also the gradient, scaled per row by grad_loss.
+void forward(FUSEDCE_ARGS, uintptr_t loss, uintptr_t lse, uintptr_t grad_loss, int64_t grad_stride,
+             uintptr_t dlogits, int64_t dlogits_row_stride, int num_threads) {
   CrossEntropyArgs a = make_args(FUSEDCE_ARG_VALUES);
+  BackwardIO io{ptr<void>(grad_loss), grad_stride, ptr<void>(lse), reinterpret_cast<void*>(dlogits),
+                dlogits_row_stride};
   py::gil_scoped_release release;
   fusedce::cross_entropy_forward(a, ForwardOut{reinterpret_cast<void*>(loss), reinterpret_cast<void*>(lse)},
-                                 num_threads);
+                                 dlogits ? &io : nullptr, num_threads);
 }
 
 void backward(FUSEDCE_ARGS, uintptr_t grad_loss, int64_t grad_stride, uintptr_t lse, uintptr_t dlogits,
@@ -72,7 +76,8 @@ void backward(FUSEDCE_ARGS, uintptr_t grad_loss, int64_t grad_stride, uintptr_t 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fusedce CPU kernels (no torch dependency; see fusedce._native)";
   m.def("isa", &fusedce::cpu_isa, "instruction set the kernels were dispatched to");
-  m.def("forward", &forward, FUSEDCE_ARG_NAMES, py::arg("loss"), py::arg("lse"), py::arg("num_threads"));
+  m.def("forward", &forward, FUSEDCE_ARG_NAMES, py::arg("loss"), py::arg("lse"), py::arg("grad_loss"),
+        py::arg("grad_stride"), py::arg("dlogits"), py::arg("dlogits_row_stride"), py::arg("num_threads"));
   m.def("backward", &backward, FUSEDCE_ARG_NAMES, py::arg("grad_loss"), py::arg("grad_stride"), py::arg("lse"),
         py::arg("dlogits"), py::arg("dlogits_row_stride"), py::arg("num_threads"));
   m.def("advise_huge_pages", &fusedce::advise_huge_pages, py::arg("ptr"), py::arg("nbytes"));

@@ -48,17 +48,25 @@ def _common_args(logits, target, weight, opts) -> dict:
     )
 
 
-def forward(logits, target, weight, opts, loss, lse) -> None:
-    """loss, lse: rows, accumulation dtype (contiguous)."""
-    _C.forward(**_common_args(logits, target, weight, opts), loss=loss.data_ptr(), lse=lse.data_ptr(),
+def _grad_args(grad_loss, logits, dlogits) -> dict:
+    """grad_loss: rows in the accumulation dtype, any stride; dlogits: rows x V, unit class stride
+    (may be the logits themselves)."""
+    nbytes = dlogits.numel() * dlogits.element_size()
+    if nbytes >= _HUGE_PAGE_MIN_BYTES and dlogits.data_ptr() != logits.data_ptr():
+        _C.advise_huge_pages(dlogits.data_ptr(), nbytes)
+    return dict(grad_loss=grad_loss.data_ptr(), grad_stride=grad_loss.stride(0), dlogits=dlogits.data_ptr(),
+                dlogits_row_stride=dlogits.stride(0))
+
+
+def forward(logits, target, weight, opts, loss, lse, grad_loss=None, dlogits=None) -> None:
+    """loss, lse: rows, accumulation dtype (contiguous). With dlogits, also writes the gradient of
+    sum(grad_loss * loss) in the same pass."""
+    grad = _grad_args(grad_loss, logits, dlogits) if dlogits is not None else dict(
+        grad_loss=0, grad_stride=0, dlogits=0, dlogits_row_stride=0)
+    _C.forward(**_common_args(logits, target, weight, opts), loss=loss.data_ptr(), lse=lse.data_ptr(), **grad,
                num_threads=torch.get_num_threads())
 
 
 def backward(grad_loss, logits, target, weight, lse, opts, dlogits) -> None:
-    """grad_loss: rows in the accumulation dtype, any stride; dlogits: rows x V, unit class stride."""
-    nbytes = dlogits.numel() * dlogits.element_size()
-    if nbytes >= _HUGE_PAGE_MIN_BYTES and dlogits.data_ptr() != logits.data_ptr():
-        _C.advise_huge_pages(dlogits.data_ptr(), nbytes)
-    _C.backward(**_common_args(logits, target, weight, opts), grad_loss=grad_loss.data_ptr(),
-                grad_stride=grad_loss.stride(0), lse=lse.data_ptr(), dlogits=dlogits.data_ptr(),
-                dlogits_row_stride=dlogits.stride(0), num_threads=torch.get_num_threads())
+    _C.backward(**_common_args(logits, target, weight, opts), lse=lse.data_ptr(),
+                **_grad_args(grad_loss, logits, dlogits), num_threads=torch.get_num_threads())

@@ -10,7 +10,7 @@ import torch
 from torch.nn import _reduction
 
 from . import backends, checks
-from .function import CrossEntropyFunction
+from .function import CrossEntropyFunction, FusedCrossEntropyFunction
 
 
 def _to_rows(x: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                   size_average: Optional[bool] = None, ignore_index: int = -100, reduce: Optional[bool] = None,
                   reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                   softcap: Optional[float] = None, return_lse: bool = False, inplace_backward: bool = False,
-                  backend: str = "auto"):
+                  fused: Optional[bool] = None, backend: str = "auto"):
     """Same signature and results as torch.nn.functional.cross_entropy, computed by a fused
     single-pass kernel that accumulates in fp32 (fp64 for fp64 input). Keyword-only extras:
 
@@ -34,6 +34,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     softcap: if set, logits -> softcap * tanh(logits / softcap) before the softmax (Gemma 2 style).
     return_lse: also return the per-row log-sum-exp (fp32, the shape of the unreduced loss).
     inplace_backward: write the logits' gradient into the logits' memory (see CrossEntropyFunction).
+    fused: compute the logits' gradient during the forward (see FusedCrossEntropyFunction). None (the
+        default) turns it on when it applies: a "mean" or "sum" loss in eager mode whose logits
+        require grad and no return_lse. The gradient's memory is then taken at the forward.
     backend: "auto" | "cpu" | "cuda" | "triton" | "torch".
 
     "mean" divides by the summed weight of the non-ignored targets (the number of rows for class
@@ -54,9 +57,23 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     acc = torch.float64 if input.dtype == torch.float64 else torch.float32
     w = weight.to(acc).contiguous() if weight is not None else None
 
-    loss, lse = CrossEntropyFunction.apply(logits, rows_target, w, ignore_index, float(label_smoothing),
-                                           float(z_loss), float(softcap or 0.0), name, inplace_backward)
+    options = (ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0), name)
     out_dtype = torch.result_type(input, target) if soft else input.dtype
+    if fused is None:
+        fused = (reduction != "none" and not return_lse and input.requires_grad and torch.is_grad_enabled()
+                 and not torch.compiler.is_compiling() and not (soft and target.requires_grad))
+    if fused:
+        if reduction == "none" or return_lse:
+            raise ValueError("fused=True needs reduction 'mean' or 'sum' and return_lse=False: the gradient is "
+                             "computed for the reduced loss")
+        denominator = None if reduction == "sum" else (
+            torch.tensor(float(logits.shape[0]), dtype=acc, device=logits.device) if soft
+            else _mean_denominator(rows_target, w, ignore_index, acc))
+        inplace = inplace_backward and not torch.compiler.is_compiling()
+        result = FusedCrossEntropyFunction.apply(logits, rows_target, w, denominator, options, inplace)
+        return result.to(out_dtype)
+
+    loss, lse = CrossEntropyFunction.apply(logits, rows_target, w, *options, inplace_backward)
     batch_shape = target.shape[:1] + target.shape[2:] if soft and target.dim() > 1 else (
         () if soft else target.shape)
     if reduction == "none":
@@ -87,7 +104,7 @@ class CrossEntropyLoss(torch.nn.Module):
     def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None, ignore_index: int = -100,
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                  softcap: Optional[float] = None, return_lse: bool = False, inplace_backward: bool = False,
-                 backend: str = "auto"):
+                 fused: Optional[bool] = None, backend: str = "auto"):
         super().__init__()
         if size_average is not None or reduce is not None:
             reduction = _reduction.legacy_get_string(size_average, reduce)
@@ -101,10 +118,11 @@ class CrossEntropyLoss(torch.nn.Module):
         self.softcap = softcap
         self.return_lse = return_lse
         self.inplace_backward = inplace_backward
+        self.fused = fused
         self.backend = backend
 
     def forward(self, input: torch.Tensor, target: torch.Tensor):
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
                              softcap=self.softcap, return_lse=self.return_lse,
-                             inplace_backward=self.inplace_backward, backend=self.backend)
+                             inplace_backward=self.inplace_backward, fused=self.fused, backend=self.backend)

@@ -72,6 +72,9 @@ def check_weight(weight: Optional[torch.Tensor], input: torch.Tensor) -> None:
         raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
     if weight.device != input.device:
         raise ValueError(f"weight is on {weight.device} but input is on {input.device}")
+    if weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("cross_entropy is not differentiable with respect to weight, as in torch: "
+                           "pass a weight that does not require grad")
 
 
 def check_target_range(target: torch.Tensor, classes: int, ignore_index: int) -> None:

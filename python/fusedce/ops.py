@@ -4,6 +4,8 @@ opt-in in-place backward), their fake (meta) implementations, and the autograd r
     fusedce::cross_entropy_forward(logits[R, V], target, weight?, ...) -> (loss[R], lse[R])
     fusedce::cross_entropy_backward(grad_loss[R], logits, target, weight?, lse, ...) -> dlogits[R, V]
     fusedce::cross_entropy_backward_(grad_loss, logits!, ...) -> ()   writes dlogits into logits
+    fusedce::cross_entropy_forward_with_grad(logits, target, weight?, grad_loss, ...) -> (loss, lse, dlogits)
+    fusedce::cross_entropy_forward_with_grad_(logits!, ...) -> (loss, lse)   gradient into logits
 
 target is int64 class indices [R] or class probabilities [R, V]; loss and lse are fp32 (fp64 for
 fp64 logits); softcap 0 means off; backend is a concrete backend name (see backends.resolve)."""
@@ -26,11 +28,15 @@ def cross_entropy_forward(logits: Tensor, target: Tensor, weight: Optional[Tenso
     return backends.get(backend).forward(logits, target, weight, opts)
 
 
-@cross_entropy_forward.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend):
+def _fake_forward(logits):
     acc = accumulation_dtype(logits.dtype)
     rows = logits.shape[0]
     return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
+
+
+@cross_entropy_forward.register_fake
+def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return _fake_forward(logits)
 
 
 @torch.library.custom_op("fusedce::cross_entropy_backward", mutates_args=())
@@ -61,6 +67,37 @@ def cross_entropy_backward_(grad_loss: Tensor, logits: Tensor, target: Tensor, w
 @cross_entropy_backward_.register_fake
 def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, backend):
     return None
+
+
+@torch.library.custom_op("fusedce::cross_entropy_forward_with_grad", mutates_args=())
+def cross_entropy_forward_with_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], grad_loss: Tensor,
+                                    ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+                                    backend: str) -> Tuple[Tensor, Tensor, Tensor]:
+    """The fused mode: loss, lse and the gradient of sum(grad_loss * loss) in one pass over the logits."""
+    dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    opts = Options(ignore_index, label_smoothing, z_loss, softcap)
+    loss, lse = backends.get(backend).forward(logits, target, weight, opts, grad_loss, dlogits)
+    return loss, lse, dlogits
+
+
+@cross_entropy_forward_with_grad.register_fake
+def _(logits, target, weight, grad_loss, ignore_index, label_smoothing, z_loss, softcap, backend):
+    loss, lse = _fake_forward(logits)
+    return loss, lse, torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+
+
+@torch.library.custom_op("fusedce::cross_entropy_forward_with_grad_", mutates_args=("logits",))
+def cross_entropy_forward_with_grad_(logits: Tensor, target: Tensor, weight: Optional[Tensor], grad_loss: Tensor,
+                                     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
+                                     backend: str) -> Tuple[Tensor, Tensor]:
+    """Fused mode whose gradient overwrites the logits (each row is fully read before it is written)."""
+    opts = Options(ignore_index, label_smoothing, z_loss, softcap)
+    return backends.get(backend).forward(logits, target, weight, opts, grad_loss, logits)
+
+
+@cross_entropy_forward_with_grad_.register_fake
+def _(logits, target, weight, grad_loss, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return _fake_forward(logits)
 
 
 # ---- autograd ---------------------------------------------------------------------------------

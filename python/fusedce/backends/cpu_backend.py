@@ -5,13 +5,15 @@ import torch
 
 from .. import _native
 from ..options import Options, accumulation_dtype
+from .torch_backend import scale_  # noqa: F401  (the same for CPU tensors)
 
 
-def forward(logits, target, weight, opts: Options):
+def forward(logits, target, weight, opts: Options, grad_loss=None, dlogits=None):
     acc = accumulation_dtype(logits.dtype)
     loss = torch.empty(logits.shape[0], dtype=acc)
     lse = torch.empty(logits.shape[0], dtype=acc)
-    _native.forward(logits, target, weight, opts, loss, lse)
+    _native.forward(logits, target, weight, opts, loss, lse,
+                    None if grad_loss is None else grad_loss.to(acc), dlogits)
     return loss, lse
 
 

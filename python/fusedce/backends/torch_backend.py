@@ -42,7 +42,23 @@ def _target_terms(logits, target, weight, opts: Options, acc):
     return xt, wt, valid
 
 
-def forward(logits, target, weight, opts: Options):
+def forward(logits, target, weight, opts: Options, grad_loss=None, dlogits=None):
+    """With dlogits, also writes the gradient of sum(grad_loss * loss) (two passes here; the compiled
+    backends fuse them)."""
+    loss, lse = _loss_and_lse(logits, target, weight, opts)
+    if dlogits is not None:
+        backward(grad_loss, logits, target, weight, lse, opts, dlogits)
+    return loss, lse
+
+
+def scale_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad *= scale (a 0-d tensor). On the CPU skipped when scale is 1, which is free to check; on a
+    GPU always, since checking would sync the host."""
+    if grad.device.type != "cpu" or bool(scale != 1):
+        grad.mul_(scale.to(grad.dtype))
+
+
+def _loss_and_lse(logits, target, weight, opts: Options):
     rows, vocab = logits.shape
     acc = accumulation_dtype(logits.dtype)
     m = torch.full((rows,), torch.finfo(acc).min, dtype=acc, device=logits.device)
