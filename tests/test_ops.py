@@ -110,3 +110,50 @@ def test_weight_requiring_grad_raises_like_torch(backend):
     weight = torch.rand(20, device=device, requires_grad=True)
     with pytest.raises(RuntimeError, match="not differentiable with respect to weight"):
         fusedce.cross_entropy(x, torch.randint(0, 20, (3,), device=device), weight=weight, backend=backend)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_large_inplace_gradient_on_cpu(fused):
+    """Past 64 MiB the CPU kernel writes an in-place gradient with streaming stores."""
+    w = torch.randn(8, 65536, requires_grad=True)
+    h = torch.randn(256, 8)
+    target = torch.randint(0, 65536, (256,))
+    logits = h @ w
+    fusedce.cross_entropy(logits, target, inplace_backward=True, fused=fused, backend="cpu").backward()
+    w64 = to64(w).requires_grad_()
+    reference_loss(h.double() @ w64, target).backward()
+    assert_close(w.grad, w64.grad, torch.float32, scale=w64.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_mode_backward_twice_and_scaled(backend, reduction):
+    """The fused mode hands out the gradient computed in the forward once; a second backward through a
+    retained graph recomputes it, and a grad_output other than 1 rescales it."""
+    device = device_of(backend)
+    logits = torch.randn(6, 70, device=device)
+    target = torch.randint(0, 70, (6,), device=device)
+    x = logits.clone().requires_grad_()
+    loss = fusedce.cross_entropy(x, target, reduction=reduction, label_smoothing=0.1, fused=True, backend=backend)
+    (3.0 * loss).backward(retain_graph=True)
+    loss.backward()
+    x64 = to64(logits).requires_grad_()
+    (4.0 * reference_loss(x64, target, reduction=reduction, label_smoothing=0.1)).backward()
+    assert_close(x.grad, x64.grad, torch.float32, scale=x64.grad.abs().max().item())
+
+
+def test_fused_mode_needs_a_reduced_loss(backend):
+    x = torch.randn(3, 10, device=device_of(backend), requires_grad=True)
+    target = torch.randint(0, 10, (3,), device=x.device)
+    with pytest.raises(ValueError, match="fused=True needs reduction 'mean' or 'sum'"):
+        fusedce.cross_entropy(x, target, reduction="none", fused=True, backend=backend)
+
+
+def test_fused_inplace_second_backward_raises(backend):
+    device = device_of(backend)
+    w = torch.randn(5, 20, device=device, requires_grad=True)
+    logits = torch.randn(4, 5, device=device) @ w
+    loss = fusedce.cross_entropy(logits, torch.randint(0, 20, (4,), device=device), inplace_backward=True,
+                                 fused=True, backend=backend)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward called twice with inplace_backward=True"):
+        loss.backward()

@@ -42,7 +42,7 @@ struct BackwardIO {
   const void* lse;        // rows, from the forward
   void* dlogits;          // rows x vocab in the logits dtype, unit stride along the vocabulary
   int64_t dlogits_row_stride;
-  bool streaming = false;  // non-temporal stores for dlogits; set by the dispatcher for large outputs
+  bool streaming = false;  // non-temporal stores for dlogits; set by the dispatcher (see with_store_mode)
 };
 
 }  // namespace fusedce

@@ -351,12 +351,6 @@ void backward_row(const CrossEntropyArgs& a, const BackwardIO& io, int64_t row, 
     const int64_t n = std::min(kBlock, a.vocab - begin), np = padded(n, lanes);
     const Acc* x;
     if (cache) {
-      // the gradient pass reads only the cache: meanwhile, fetch the same block of the next row
-      if (row + 1 < a.rows) {
-        const char* next = static_cast<const char*>(
-            offset(a.logits, a.dtype, (row + 1) * a.logits_row_stride + begin));
-        for (int64_t byte = 0; byte < n * element_size(a.dtype); byte += 64) __builtin_prefetch(next + byte, 0, 3);
-      }
       x = cache->x.data() + begin;  // read only with a softcap, which always fills the cache
       const Acc* e = cache->e.data() + begin;
       const Acc scale = std::exp(cache->m[begin / kBlock] - lse) * coef_g;  // p = e exp(m_b - lse)

@@ -49,7 +49,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     checks.check_logits(input)
     checks.check_target(input, target, ignore_index)
     checks.check_weight(weight, input)
-    name = backends.resolve(backend, input.device)
+    name = backends.resolve(backend, input.device, input.dtype)
 
     soft = target.is_floating_point()
     logits = _to_rows(input)

@@ -21,9 +21,9 @@ _warned: set = set()
 def triton_unavailable_reason() -> str | None:
     """None when Triton kernels can run here; otherwise why not."""
     try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "triton is not installed (pip install triton)"
+        from ..triton_kernels import cross_entropy  # noqa: F401
+    except ImportError as e:
+        return f"the Triton kernels failed to import ({e}; pip install triton)"
     return None
 
 
@@ -59,16 +59,21 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
-def resolve(name: str, device: torch.device) -> str:
-    """Turns a user's backend choice into a concrete backend for `device`, or raises."""
+def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
+    """Turns a user's backend choice into a concrete backend for tensors of `device` and `dtype`, or
+    raises. float64 logits are served by the "cpu" and "torch" backends only."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}")
+    gpu_kernels_reason = "its kernels take float32, float16 and bfloat16 logits, got float64" if (
+        dtype == torch.float64) else None
     if name != "auto":
-        reason = _cannot_serve(name, device)
+        reason = _cannot_serve(name, device) or (gpu_kernels_reason if name in ("triton", "cuda") else None)
         if reason:
             raise RuntimeError(f"backend {name!r} cannot serve this input: {reason}")
         return name
     preferred = "cpu" if device.type == "cpu" else "triton"
+    if preferred == "triton" and gpu_kernels_reason:
+        return "torch"
     reason = _cannot_serve(preferred, device)
     if reason is None:
         return preferred

@@ -1,0 +1,1 @@
+"""fusedce benchmarks: python -m benchmarks --help"""

@@ -1,0 +1,185 @@
+"""python -m benchmarks [--device cpu|cuda] [--quick] [--out DIR] [--providers ...] [--shapes ...]
+[--dtypes ...] [--ops ...]: time, effective bandwidth, peak memory and correctness of every
+cross-entropy provider on this machine; writes a table, results.json and PNG plots."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+
+from . import cases, measure, report
+from .providers import OPS, TRAFFIC, all_providers
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="a small set (under 2 minutes on a 2-core CPU)")
+    p.add_argument("--out", default=os.path.join("benchmarks", "out"), help="directory for results.json and plots")
+    p.add_argument("--providers", help="comma-separated provider names (default: all that can run)")
+    p.add_argument("--shapes", help="comma-separated ROWSxVOCAB, e.g. 4096x32000,1024x128256")
+    p.add_argument("--dtypes", help="comma-separated: float32,bfloat16,float16")
+    p.add_argument("--ops", help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--repeats", type=int, help="timed repeats per case (default 25 on GPU, 5 on CPU)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    return p.parse_args(argv)
+
+
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    model = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def triton_version():
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+class Progress:
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        width = 30
+        filled = width * self.done // max(self.total, 1)
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} {label:<50}")
+        sys.stderr.flush()
+        if self.done == self.total:
+            sys.stderr.write("\n")
+
+
+def copy_bandwidth(device: str, repeats: int) -> float:
+    """GB/s of a plain device copy (bytes read + written), the yardstick for every provider."""
+    nbytes = (1 << 30) if device == "cuda" else (512 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    case = ((lambda: None), (lambda: dst.copy_(src)))
+    ms = measure.time_gpu([case], repeats) if device == "cuda" else measure.time_cpu([[case]], repeats)[0]
+    return 2 * nbytes / (ms * 1e-3) / 1e9
+
+
+def select(args, device):
+    shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes
+              else cases.QUICK_SHAPES[device] if args.quick
+              else cases.GPU_SHAPES if device == "cuda" else cases.CPU_SHAPES)
+    dtypes = ([getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes
+              else cases.QUICK_DTYPES[device] if args.quick
+              else cases.GPU_DTYPES if device == "cuda" else cases.CPU_DTYPES)
+    ops = args.ops.split(",") if args.ops else list(OPS)
+    unknown = set(ops) - set(OPS)
+    if unknown:
+        raise SystemExit(f"unknown ops {sorted(unknown)}: expected some of {OPS}")
+    available = all_providers(device)
+    wanted = args.providers.split(",") if args.providers else list(available)
+    for name in wanted:
+        if name not in available:
+            raise SystemExit(f"unknown provider {name!r}: expected some of {sorted(available)}")
+    providers = {n: available[n] for n in wanted if not isinstance(available[n], str)}
+    skipped = [{"provider": n, "reason": available[n]} for n in wanted if isinstance(available[n], str)]
+    return shapes, dtypes, ops, providers, skipped
+
+
+def run_config(shape, dtype, ops, providers, device, repeats, memory, progress, skipped):
+    """Measures every (provider, op) on one shape and dtype; returns the records."""
+    rows, vocab = shape
+    size = rows * vocab * torch.empty((), dtype=dtype).element_size()
+    # rotate over input copies that together exceed the L2 cache (50 MB on H100) on the GPU
+    n_copies = 1 if device == "cpu" else max(1, min(4, math.ceil(150e6 / size)))
+    inputs = [cases.make_inputs(rows, vocab, dtype, device, seed=i) for i in range(n_copies)]
+    jobs = [(name, op) for name, p in providers.items() for op in ops if op in p.ops]
+    records, built = [], []
+    for name, op in jobs:
+        built.append([providers[name].make(op, x, t) for x, t in inputs])
+    if device == "cpu":
+        times = measure.time_cpu(built, repeats)
+    else:
+        times = []
+        for (name, op), copies in zip(jobs, built):
+            try:
+                times.append(measure.time_gpu(copies, repeats))
+            except torch.cuda.OutOfMemoryError:
+                times.append(None)
+                torch.cuda.empty_cache()
+    for (name, op), copies, ms in zip(jobs, built, times):
+        label = f"{name} {op} {rows}x{vocab} {str(dtype)[6:]}"
+        progress.step(label)
+        if ms is None:
+            skipped.append({"provider": name, "reason": f"out of memory at {label}"})
+            continue
+        setup, run = copies[0]
+        setup()
+        ok, problem = measure.check_against_float64(op, run(), *inputs[0])
+        peak = None
+        if memory:
+            peak = (measure.peak_memory_gpu(copies[0]) if device == "cuda"
+                    else measure.peak_memory_cpu(name, op, shape, dtype))
+        records.append({"provider": name, "op": op, "shape": [rows, vocab], "dtype": str(dtype)[6:], "ms": ms,
+                        "gbps": TRAFFIC[op] * size / (ms * 1e-3) / 1e9, "peak_mem_bytes": peak,
+                        "grad_bytes": size, "correct": ok, "problem": problem})
+    del built, inputs
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return records
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    repeats = args.repeats or (25 if device == "cuda" else 5)
+    shapes, dtypes, ops, providers, skipped = select(args, device)
+    if device == "cpu" and args.quick and "torch-compile" in providers and not args.providers:
+        skipped.append({"provider": "torch-compile", "reason": "--quick on the CPU: compiling takes minutes"})
+        del providers["torch-compile"]
+    total = sum(len([op for op in ops if op in p.ops]) for p in providers.values()) * len(shapes) * len(dtypes)
+    progress = Progress(total)
+    copy_gbps = copy_bandwidth(device, repeats)
+    records = []
+    for shape in shapes:
+        for dtype in dtypes:
+            records += run_config(shape, dtype, ops, providers, device, repeats, not args.no_memory, progress,
+                                  skipped)
+    result = {"device": device_name(device), "copy_gbps": copy_gbps, "torch": torch.__version__,
+              "triton": triton_version(), "commit": git_commit(),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
+              "records": records, "skipped": skipped}
+    os.makedirs(args.out, exist_ok=True)
+    print(report.table(result))
+    path = os.path.join(args.out, "results.json")
+    report.write_json(result, path)
+    print(f"wrote {path}")
+    for png in report.plots(result, args.out):
+        print(f"wrote {png}")
+    if not all(r["correct"] for r in records if r["provider"].startswith("fusedce")):
+        raise SystemExit("a fusedce provider gave a wrong result (see the table)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Timing, peak memory and correctness of one benchmark case.
+
+GPU: CUDA events around each call, warm-up first, the median of many repeats, inputs rotated over
+copies that together exceed the L2 cache so small shapes are not flattered. CPU: perf_counter
+medians with the cases interleaved (a slow phase of the machine hits every provider alike).
+Peak memory: on the GPU torch.cuda.max_memory_allocated after a reset; on the CPU the peak resident
+set (VmHWM, reset through /proc/self/clear_refs) of a fresh subprocess per case (memprobe.py), so no
+provider's freed-but-cached memory hides another's. Both are the peak over what existed before the
+timed call (inputs, and for "bwd" the forward's saved state)."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, List, Sequence, Tuple
+
+import torch
+
+Case = Tuple[Callable, Callable]  # (setup, run)
+
+
+def time_cpu(cases: Sequence[Sequence[Case]], repeats: int, warmup: int = 1) -> List[float]:
+    """Median milliseconds per case; each case is a list of (setup, run) input copies, cycled."""
+    samples: List[List[float]] = [[] for _ in cases]
+    for r in range(warmup + repeats):
+        for i, copies in enumerate(cases):
+            setup, run = copies[r % len(copies)]
+            setup()
+            t0 = time.perf_counter()
+            run()
+            elapsed = time.perf_counter() - t0
+            if r >= warmup:
+                samples[i].append(elapsed * 1e3)
+    return [statistics.median(s) for s in samples]
+
+
+def time_gpu(copies: Sequence[Case], repeats: int, warmup: int = 3) -> float:
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    for r in range(warmup + repeats):
+        setup, run = copies[r % len(copies)]
+        setup()
+        if r >= warmup:
+            events[r - warmup][0].record()
+        run()
+        if r >= warmup:
+            events[r - warmup][1].record()
+    torch.cuda.synchronize()
+    return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def peak_memory_gpu(case: Case) -> int:
+    setup, run = case
+    setup()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = run()
+    torch.cuda.synchronize()
+    del result
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_cpu_here(case: Case) -> int:
+    """Run inside a fresh process (memprobe.py): peak RSS of the timed call over the RSS before it."""
+    setup, run = case
+    setup()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    base = _status_kb("VmRSS")
+    result = run()
+    peak = _status_kb("VmHWM")
+    del result
+    return (peak - base) * 1024
+
+
+def peak_memory_cpu(provider: str, op: str, shape, dtype: torch.dtype) -> int:
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "benchmarks.memprobe", provider, op, str(shape[0]), str(shape[1]),
+           str(dtype).replace("torch.", "")]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_bytes"]
+
+
+# ---- correctness --------------------------------------------------------------------------------
+
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
+
+
+def check_against_float64(op: str, result, logits: torch.Tensor, target: torch.Tensor) -> Tuple[bool, str]:
+    """Compares a provider's loss and/or gradient ("mean" reduction) with float64, a chunk of rows at a
+    time so the reference never holds the whole problem in float64."""
+    loss, grad = (result, None) if op == "fwd" else (None, result) if op == "bwd" else result
+    rows, vocab = logits.shape
+    chunk = max(1, (256 << 20) // (8 * vocab))
+    total = torch.zeros((), dtype=torch.float64, device=logits.device)
+    worst_grad = 0.0
+    for start in range(0, rows, chunk):
+        x = logits[start:start + chunk].double()
+        t = target[start:start + chunk]
+        lse = torch.logsumexp(x, 1)
+        total += (lse - x.gather(1, t[:, None])[:, 0]).sum()
+        if grad is not None:
+            ref = torch.softmax(x, 1)
+            ref[torch.arange(len(t), device=x.device), t] -= 1
+            ref /= rows
+            scale = ref.abs().max().clamp_min(1e-30)
+            worst_grad = max(worst_grad, ((grad[start:start + chunk].double() - ref).abs().max() / scale).item())
+    tol = TOLERANCE[logits.dtype]
+    problems = []
+    if loss is not None:
+        rel = abs(loss.double().item() - (total / rows).item()) / max(abs((total / rows).item()), 1e-30)
+        if not rel <= tol:
+            problems.append(f"loss off by {rel:.1e} (relative)")
+    if grad is not None and not worst_grad <= tol:
+        problems.append(f"gradient off by {worst_grad:.1e} of its largest element")
+    return not problems, "; ".join(problems)
