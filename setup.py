@@ -36,7 +36,7 @@ cpu_extension = Pybind11Extension(
 
 setup(
     package_dir={"fusedce": "python/fusedce", "fusedce.triton_kernels": "triton_kernels"},
-    packages=["fusedce", "fusedce.triton_kernels"],
+    packages=["fusedce", "fusedce.backends", "fusedce.triton_kernels"],
     ext_modules=[cpu_extension],
     cmdclass={"build_ext": ParallelBuildExt},
 )

@@ -3,7 +3,9 @@ from . import ops  # registers the torch.library custom ops
 from .api import CrossEntropyLoss, cross_entropy
 from .backends import BACKENDS
 from .function import CrossEntropyFunction
+from .linear import LinearCrossEntropyLoss, linear_cross_entropy
 from .reference import unfused_cross_entropy
 
 __version__ = "0.1.0"
-__all__ = ["cross_entropy", "CrossEntropyLoss", "CrossEntropyFunction", "unfused_cross_entropy", "BACKENDS"]
+__all__ = ["cross_entropy", "CrossEntropyLoss", "CrossEntropyFunction", "linear_cross_entropy",
+           "LinearCrossEntropyLoss", "unfused_cross_entropy", "BACKENDS"]
