@@ -192,3 +192,24 @@ def test_module_matches_functional(backend):
     logits, target = torch.randn(7, 12, device=device), torch.randint(0, 12, (7,), device=device)
     assert_close(crit(logits, target), ref(logits.double(), target), torch.float32)
     assert "weight" in dict(crit.named_buffers())
+
+
+def test_confident_predictions_keep_their_precision(backend):
+    """p(target) ~ 1 - 1e-6: a naive fp32 sum rounds the off-target terms away against the target's 1,
+    and p_t - 1 cancels. The kernels keep both to fp32 precision (loss, and the fused-mode gradient)."""
+    device = device_of(backend)
+    logits = torch.randn(4, 32003)
+    target = torch.randint(0, 32003, (4,))
+    logits[torch.arange(4), target] += 25.0
+    logits, target = logits.to(device), target.to(device)
+    x64 = to64(logits).requires_grad_()
+    ref = torch.nn.functional.cross_entropy(x64, target, reduction="none")
+    assert ref.max() < 1e-5
+    loss = fusedce.cross_entropy(logits, target, reduction="none", backend=backend)
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
+    x = logits.clone().requires_grad_()
+    fusedce.cross_entropy(x, target, reduction="sum", fused=True, backend=backend).backward()
+    ref.sum().backward()
+    rows = torch.arange(4, device=device)
+    torch.testing.assert_close(x.grad[rows, target].double(), x64.grad[rows, target], rtol=1e-5, atol=0)
+    assert_close(x.grad, x64.grad, torch.float32, scale=x64.grad.abs().max().item())

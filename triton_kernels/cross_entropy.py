@@ -5,7 +5,7 @@ Math (per row; x' = softcap(x), p = softmax(x'), lse = log sum exp x'), as in cs
   per-class target coefficients c_j:
     class index t:  c_j = (1-eps) w_t [j == t] + (eps/V) w_j
     probabilities:  c_j = w_j ((1-eps) q_j + eps/V)
-  loss = K (lse - m) - sum_j c_j (x'_j - m) + z lse^2,  K = sum_j c_j  (m: running max, keeps terms small)
+  loss = K log s - sum_j c_j (x'_j - m) + z lse^2,  K = sum_j c_j, lse = m + log s (m: running max)
   dloss/dx'_j = p_j (K + 2 z lse) - c_j;  dloss/dx_j = dloss/dx'_j (1 - (x'_j / cap)^2) with a softcap
 Online update per block: m' = max(m, max(x_blk)); s' = s exp(m - m') + sum exp(x_blk - m').
 
@@ -25,6 +25,19 @@ def _capped(x, softcap, HAS_SOFTCAP: tl.constexpr):
         y = x / softcap
         x = softcap * (1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0))
     return x
+
+
+@triton.jit
+def _log1p(r):
+    u = 1.0 + r
+    return tl.where(u == 1.0, r, tl.log(u) * r / (u - 1.0))  # Goldberg: exact to a few ulp for small r
+
+
+@triton.jit
+def _expm1(d):
+    u = tl.exp(d)
+    small = tl.where(u == 1.0, d, (u - 1.0) * d / tl.log(u))  # Kahan's trick, for |d| < 1/2
+    return tl.where(tl.abs(d) < 0.5, small, u - 1.0)
 
 
 @triton.jit
@@ -78,7 +91,10 @@ def cross_entropy_kernel(
     k = 0.0  # sum_j c_j
     if FORWARD:
         m = -3.4028234663852886e38  # float32 lowest: finite, so (-inf) - m is -inf, never NaN
-        s = 0.0
+        # s = top + rest: top counts the terms exp(x' - m) = 1, rest sums the others, so the tiny terms
+        # of a confident prediction are not rounded away against the 1 of its top logit
+        top = 0.0
+        rest = 0.0
         cx = 0.0  # sum_j c_j (x'_j - m)
         for start in range(0, V, BLOCK_V):
             cols = start + tl.arange(0, BLOCK_V)
@@ -86,19 +102,25 @@ def cross_entropy_kernel(
             x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
             x = tl.where(mask, _capped(x, softcap, HAS_SOFTCAP), float("-inf"))  # cap(-inf) would be -cap
             m_new = tl.maximum(m, tl.max(x, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), axis=0)
+            is_top = x == m_new
+            rest_blk = tl.sum(tl.where(is_top, 0.0, tl.exp(x - m_new)), axis=0)
+            top_blk = tl.sum(tl.where(is_top, 1.0, 0.0), axis=0)
+            grew = m_new > m
+            rest = tl.where(grew, (top + rest) * tl.exp(m - m_new), rest) + rest_blk
+            top = tl.where(grew, top_blk, top + top_blk)
             if HAS_C:
                 c = _coefficients(target_ptr, weight_ptr, row, cols, mask, V, target_row_stride, label_smoothing,
                                   SOFT, HAS_WEIGHT)
                 cx = tl.where(k > 0, cx - k * (m_new - m), cx) + tl.sum(tl.where(mask, c * (x - m_new), 0.0), axis=0)
                 k += tl.sum(c, axis=0)
             m = m_new
-        lse = m + tl.log(s)
-        loss = k * (lse - m) - cx
-        if not SOFT:
+        log_s = tl.where(top > 0, tl.log(top) + _log1p(rest / top), tl.log(rest))
+        lse = m + log_s
+        loss = k * log_s - cx
+        if not SOFT:  # lse - x_t as (m - x_t) + log s: exact for confident predictions where lse ~ x_t
             x_t = _capped(tl.load(logits_row + t).to(tl.float32), softcap, HAS_SOFTCAP)
             w_t = tl.load(weight_ptr + t).to(tl.float32) if HAS_WEIGHT else 1.0
-            loss += (1.0 - label_smoothing) * w_t * (lse - x_t)
+            loss += (1.0 - label_smoothing) * w_t * ((m - x_t) + log_s)
         loss += z_loss * lse * lse
         if not SOFT:
             loss = tl.where(ignored, 0.0, loss)
@@ -130,12 +152,21 @@ def cross_entropy_kernel(
             cols = start + tl.arange(0, BLOCK_V)
             mask = cols < V
             x = _capped(tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32), softcap, HAS_SOFTCAP)
-            d = tl.exp(x - lse) * coef
+            if FORWARD:  # x' - lse from the unrounded m and log s of this launch
+                delta = (x - m) - log_s
+            else:
+                delta = x - lse
+            p = tl.exp(delta)
+            d = p * coef
             if HAS_C:
-                d -= _coefficients(target_ptr, weight_ptr, row, cols, mask, V, target_row_stride, label_smoothing,
-                                   SOFT, HAS_WEIGHT)
-            if not SOFT:
-                d = tl.where(cols == t, d - keep * w_t, d)
+                c = _coefficients(target_ptr, weight_ptr, row, cols, mask, V, target_row_stride, label_smoothing,
+                                  SOFT, HAS_WEIGHT)
+                d -= c
+            if not SOFT:  # the target's (1-eps) w_t (p_t - 1) with expm1: p_t ~ 1 for a confident prediction
+                exact = keep * w_t * _expm1(delta) + p * (coef - keep * w_t)
+                if HAS_C:
+                    exact -= c
+                d = tl.where(cols == t, exact, d)
             if HAS_SOFTCAP:
                 y = x / softcap
                 d = d * (1.0 - y * y)

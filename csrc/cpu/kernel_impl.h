@@ -7,7 +7,8 @@
 //   every option reduces to per-class target coefficients c_j:
 //     class index t:  c_j = (1-eps) w_t [j == t] + (eps/V) w_j        (torch's label smoothing with weight)
 //     probabilities:  c_j = w_j ((1-eps) q_j + eps/V)
-//   loss = sum_j c_j (lse - x'_j) + z lse^2 = K (lse - m) - sum_j c_j (x'_j - m) + z lse^2,  K = sum_j c_j
+//   loss = sum_j c_j (lse - x'_j) + z lse^2 = K log s - sum_j c_j (x'_j - m) + z lse^2,  K = sum_j c_j,
+//   with lse = m + log s, so no term subtracts two large numbers
 //   dloss/dx'_j = p_j (K + 2 z lse) - c_j
 //   dloss/dx_j  = dloss/dx'_j * (1 - (x'_j / cap)^2)                     (d/dx cap tanh(x/cap))
 // The online pass keeps the running max m and s = sum exp(x' - m) per block:
@@ -243,9 +244,23 @@ inline Acc capped_logit(const CrossEntropyArgs& a, int64_t row, int64_t j) {
 
 // ---- forward: loss and lse of one row --------------------------------------------------------
 
+// A row's max m and log s, s = sum exp(x' - m): the fused gradient pass uses them as they are, since
+// the rounded lse = m + log s would cost the small quantities (x'_t - lse ~ 0 for a confident
+// prediction) their precision.
 template <typename Acc>
-void forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int64_t row, Acc* xbuf, Acc* cbuf,
-                 RowCache<Acc>* cache) {
+struct RowStats {
+  Acc m, log_s;
+};
+
+// log(n + r) for a count n of terms equal to 1 and the sum r of the others: exact when r << 1.
+template <typename Acc>
+inline Acc log_top_plus_rest(Acc n, Acc r) {
+  return n > 0 ? std::log(n) + std::log1p(r / n) : std::log(r);
+}
+
+template <typename Acc>
+RowStats<Acc> forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int64_t row, Acc* xbuf, Acc* cbuf,
+                          RowCache<Acc>* cache) {
   using V = typename Vec<Acc>::V;
   const int lanes = Vec<Acc>::kLanes;
   const int64_t t = a.target_index ? a.target_index[row] : -1;
@@ -254,7 +269,9 @@ void forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int64_t row, 
   const RowContext<Acc> ctx{a, row, t, has_c, Acc(a.label_smoothing / double(a.vocab))};
 
   Acc m = std::numeric_limits<Acc>::lowest();  // finite, so (-inf) - m is -inf, never NaN
-  Acc s = 0, k = 0, cx = 0;                     // k = sum c, cx = sum c (x' - m)
+  // s = top + rest: `top` counts the terms exp(x' - m) = 1 (x' = m), `rest` sums the others, so the
+  // tiny terms of a confident prediction are not rounded away against the 1 of its top logit
+  Acc top = 0, rest = 0, k = 0, cx = 0;  // k = sum c, cx = sum c (x' - m)
   for (int64_t begin = 0; begin < a.vocab; begin += kBlock) {
     const int64_t n = std::min(kBlock, a.vocab - begin), np = padded(n, lanes);
     const Acc* x = load_logits_block(ctx, begin, n, cache ? cache->x.data() + begin : xbuf);
@@ -265,18 +282,16 @@ void forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int64_t row, 
     }
     Acc m_new = m;
     for (int i = 0; i < lanes; ++i) m_new = vmax[i] > m_new ? vmax[i] : m_new;
-    V vs = {};
-    if (cache) {
-      Acc* e = cache->e.data() + begin;
-      for (int64_t i = 0; i < np; i += lanes) {
-        V ev = Vec<Acc>::exp(load_vec(x + i) - m_new);
-        store_vec(e + i, ev);
-        vs += ev;
-      }
-      cache->m[begin / kBlock] = m_new;
-    } else {
-      for (int64_t i = 0; i < np; i += lanes) vs += Vec<Acc>::exp(load_vec(x + i) - m_new);
+    V vrest = {}, vtop = {};
+    const V zero = {}, one = zero + Acc(1);
+    Acc* e = cache ? cache->e.data() + begin : nullptr;
+    for (int64_t i = 0; i < np; i += lanes) {
+      const V xv = load_vec(x + i), ev = Vec<Acc>::exp(xv - m_new);
+      if (e) store_vec(e + i, ev);
+      vrest += xv == m_new ? zero : ev;
+      vtop += xv == m_new ? one : zero;
     }
+    if (cache) cache->m[begin / kBlock] = m_new;
     if (has_c) {
       load_coef_block(ctx, begin, n, cbuf);
       const int64_t n_vec = n / lanes * lanes;
@@ -294,28 +309,37 @@ void forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int64_t row, 
         cx += cbuf[i] * (x[i] - m_new);
       }
     }
-    s = s * std::exp(m - m_new) + horizontal_sum<Acc>(vs);
+    if (m_new > m) {  // the old top terms become ordinary ones
+      rest = (top + rest) * std::exp(m - m_new) + horizontal_sum<Acc>(vrest);
+      top = horizontal_sum<Acc>(vtop);
+    } else {
+      rest += horizontal_sum<Acc>(vrest);
+      top += horizontal_sum<Acc>(vtop);
+    }
     m = m_new;
   }
-  const Acc lse = m + std::log(s);
+  // lse - x_t as (m - x_t) + log s: exact for the confident predictions where lse ~ x_t
+  const Acc log_s = log_top_plus_rest(top, rest), lse = m + log_s;
   Acc loss = 0;
   if (!ignored) {
-    loss = k * (lse - m) - cx;
+    loss = k * log_s - cx;
     if (t >= 0) {
       const Acc wt = a.weight ? static_cast<const Acc*>(a.weight)[t] : Acc(1);
-      loss += Acc(1 - a.label_smoothing) * wt * (lse - capped_logit<Acc>(a, row, t));
+      loss += Acc(1 - a.label_smoothing) * wt * ((m - capped_logit<Acc>(a, row, t)) + log_s);
     }
     loss += Acc(a.z_loss) * lse * lse;
   }
   static_cast<Acc*>(out.loss)[row] = loss;
   static_cast<Acc*>(out.lse)[row] = lse;
+  return {m, log_s};
 }
 
 // ---- backward: dlogits of one row ---------------------------------------------------------------
 
+// cache and stats come from the fused forward of the same row; without them p = exp(x' - lse).
 template <typename Acc>
 void backward_row(const CrossEntropyArgs& a, const BackwardIO& io, int64_t row, Acc* xbuf, Acc* cbuf,
-                  const RowCache<Acc>* cache) {
+                  const RowCache<Acc>* cache, const RowStats<Acc>* stats) {
   using V = typename Vec<Acc>::V;
   const int lanes = Vec<Acc>::kLanes;
   const int64_t t = a.target_index ? a.target_index[row] : -1;
@@ -345,7 +369,7 @@ void backward_row(const CrossEntropyArgs& a, const BackwardIO& io, int64_t row, 
       k += horizontal_sum<Acc>(vk);
     }
   }
-  const Acc coef_g = (k + Acc(2 * a.z_loss) * lse) * g;  // dloss/dx'_j = g (p_j coef - c_j)
+  const Acc coef = k + Acc(2 * a.z_loss) * lse, coef_g = coef * g;  // dloss/dx'_j = g (p_j coef - c_j)
   const Acc cap = Acc(a.softcap);
   for (int64_t begin = 0; begin < a.vocab; begin += kBlock) {
     const int64_t n = std::min(kBlock, a.vocab - begin), np = padded(n, lanes);
@@ -353,7 +377,8 @@ void backward_row(const CrossEntropyArgs& a, const BackwardIO& io, int64_t row, 
     if (cache) {
       x = cache->x.data() + begin;  // read only with a softcap, which always fills the cache
       const Acc* e = cache->e.data() + begin;
-      const Acc scale = std::exp(cache->m[begin / kBlock] - lse) * coef_g;  // p = e exp(m_b - lse)
+      // p = e exp(m_b - lse), with m_b - lse = (m_b - m) - log s
+      const Acc scale = std::exp((cache->m[begin / kBlock] - stats->m) - stats->log_s) * coef_g;
       for (int64_t i = 0; i < np; i += lanes) store_vec(cbuf + i, load_vec(e + i) * scale);
     } else {
       x = load_logits_block(ctx, begin, n, xbuf);
@@ -364,7 +389,13 @@ void backward_row(const CrossEntropyArgs& a, const BackwardIO& io, int64_t row, 
       load_coef_block(ctx, begin, n, c);
       for (int64_t i = 0; i < np; i += lanes) store_vec(cbuf + i, load_vec(cbuf + i) - load_vec(c + i) * g);
     }
-    if (t >= begin && t < begin + n) cbuf[t - begin] -= keep * wt * g;
+    if (t >= begin && t < begin + n) {
+      // the target's (1-eps) w_t (p_t - 1) with expm1: p_t ~ 1 for a confident prediction
+      const Acc x_t = capped_logit<Acc>(a, row, t);
+      const Acc delta = stats ? (x_t - stats->m) - stats->log_s : x_t - lse;  // x'_t - lse
+      const Acc c_t = has_c ? ctx.smooth * (a.weight ? static_cast<const Acc*>(a.weight)[t] : Acc(1)) : Acc(0);
+      cbuf[t - begin] = g * (keep * wt * std::expm1(delta) + std::exp(delta) * (coef - keep * wt) - c_t);
+    }
     if (cap > 0) {
       const Acc inv = Acc(1) / cap;
       for (int64_t i = 0; i < np; i += lanes) {
@@ -384,8 +415,8 @@ void forward_rows_acc(const CrossEntropyArgs& a, const ForwardOut& out, const Ba
   alignas(64) Acc x[kBlock], c[kBlock];
   std::unique_ptr<RowCache<Acc>> cache(grad ? new RowCache<Acc>(a.vocab) : nullptr);
   for (int64_t r = begin; r < end; ++r) {
-    forward_row<Acc>(a, out, r, x, c, cache.get());
-    if (grad) backward_row<Acc>(a, *grad, r, x, c, cache.get());
+    const RowStats<Acc> stats = forward_row<Acc>(a, out, r, x, c, cache.get());
+    if (grad) backward_row<Acc>(a, *grad, r, x, c, cache.get(), &stats);
   }
 }
 
@@ -400,10 +431,10 @@ inline void forward_rows(const CrossEntropyArgs& a, const ForwardOut& out, const
 inline void backward_rows(const CrossEntropyArgs& a, const BackwardIO& io, int64_t begin, int64_t end) {
   if (a.dtype == kFloat64) {
     alignas(64) double x[kBlock], c[kBlock];
-    for (int64_t r = begin; r < end; ++r) backward_row<double>(a, io, r, x, c, nullptr);
+    for (int64_t r = begin; r < end; ++r) backward_row<double>(a, io, r, x, c, nullptr, nullptr);
   } else {
     alignas(64) float x[kBlock], c[kBlock];
-    for (int64_t r = begin; r < end; ++r) backward_row<float>(a, io, r, x, c, nullptr);
+    for (int64_t r = begin; r < end; ++r) backward_row<float>(a, io, r, x, c, nullptr, nullptr);
   }
 }
 

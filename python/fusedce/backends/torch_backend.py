@@ -45,9 +45,9 @@ def _target_terms(logits, target, weight, opts: Options, acc):
 def forward(logits, target, weight, opts: Options, grad_loss=None, dlogits=None):
     """With dlogits, also writes the gradient of sum(grad_loss * loss) (two passes here; the compiled
     backends fuse them)."""
-    loss, lse = _loss_and_lse(logits, target, weight, opts)
+    loss, lse, m, log_s = _loss_and_lse(logits, target, weight, opts)
     if dlogits is not None:
-        backward(grad_loss, logits, target, weight, lse, opts, dlogits)
+        _gradient(grad_loss, logits, target, weight, opts, dlogits, lse, (m, log_s))
     return loss, lse
 
 
@@ -62,29 +62,42 @@ def _loss_and_lse(logits, target, weight, opts: Options):
     rows, vocab = logits.shape
     acc = accumulation_dtype(logits.dtype)
     m = torch.full((rows,), torch.finfo(acc).min, dtype=acc, device=logits.device)
-    s, k, cx = (torch.zeros(rows, dtype=acc, device=logits.device) for _ in range(3))
+    # s = top + rest: top counts the terms exp(x' - m) = 1, rest sums the others (see the kernels)
+    top, rest, k, cx = (torch.zeros(rows, dtype=acc, device=logits.device) for _ in range(4))
     for start in range(0, vocab, _CHUNK):
         stop = min(start + _CHUNK, vocab)
         x = _capped(logits[:, start:stop].to(acc), opts.softcap)
         m_new = torch.maximum(m, x.amax(1))
-        s = s * torch.exp(m - m_new) + torch.exp(x - m_new[:, None]).sum(1)
+        is_top = x == m_new[:, None]
+        e = torch.exp(x - m_new[:, None])
+        rest_blk = torch.where(is_top, torch.zeros_like(e), e).sum(1)
+        top_blk = is_top.sum(1).to(acc)
+        grew = m_new > m
+        rest = torch.where(grew, (top + rest) * torch.exp(m - m_new), rest) + rest_blk
+        top = torch.where(grew, top_blk, top + top_blk)
         c = _coefficients(target, weight, opts, vocab, start, stop, acc)
         if c is not None:  # sum c (x' - m), shifted with m as in the kernels
             cx = torch.where(k > 0, cx - k * (m_new - m), cx) + (c * (x - m_new[:, None])).sum(1)
             k = k + c.sum(1)
         m = m_new
-    lse = m + torch.log(s)
-    loss = k * (lse - m) - cx
-    if not target.is_floating_point():
+    log_s = torch.where(top > 0, torch.log(top) + torch.log1p(rest / top), torch.log(rest))
+    lse = m + log_s
+    loss = k * log_s - cx
+    if not target.is_floating_point():  # lse - x_t as (m - x_t) + log s: exact where lse ~ x_t
         xt, wt, valid = _target_terms(logits, target, weight, opts, acc)
-        loss = loss + (1 - opts.label_smoothing) * wt * (lse - xt)
+        loss = loss + (1 - opts.label_smoothing) * wt * ((m - xt) + log_s)
     loss = loss + opts.z_loss * lse * lse
     if not target.is_floating_point():
         loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return loss, lse
+    return loss, lse, m, log_s
 
 
 def backward(grad_loss, logits, target, weight, lse, opts: Options, out: torch.Tensor) -> None:
+    _gradient(grad_loss, logits, target, weight, opts, out, lse)
+
+
+def _gradient(grad_loss, logits, target, weight, opts: Options, out, lse, stats=None) -> None:
+    """stats = (m, log s) from a forward just run: x' - lse is then (x' - m) - log s, unrounded."""
     rows, vocab = logits.shape
     acc = accumulation_dtype(logits.dtype)
     g = grad_loss.to(acc)
@@ -100,14 +113,20 @@ def backward(grad_loss, logits, target, weight, lse, opts: Options, out: torch.T
     for start in range(0, vocab, _CHUNK):
         stop = min(start + _CHUNK, vocab)
         x = _capped(logits[:, start:stop].to(acc), opts.softcap)
-        d = torch.exp(x - lse[:, None]) * coef
+        delta = (x - stats[0][:, None]) - stats[1][:, None] if stats else x - lse[:, None]  # x' - lse
+        p = torch.exp(delta)
+        d = p * coef
         c = _coefficients(target, weight, opts, vocab, start, stop, acc)
         if c is not None:
             d = d - c
-        if index:
+        if index:  # the target's (1-eps) w_t (p_t - 1) with expm1: p_t ~ 1 for a confident prediction
+            keep_w = ((1 - opts.label_smoothing) * wt)[:, None]
             hit = (target >= start) & (target < stop)
             col = torch.where(hit, target - start, torch.zeros_like(target))[:, None]
-            d.scatter_add_(1, col, (-(1 - opts.label_smoothing) * wt * hit)[:, None])
+            exact = keep_w * torch.expm1(delta.gather(1, col)) + p.gather(1, col) * (coef - keep_w)
+            if c is not None:
+                exact = exact - c.gather(1, col)
+            d.scatter_(1, col, torch.where(hit[:, None], exact, d.gather(1, col)))
         if opts.softcap > 0:
             d = d * (1 - (x / opts.softcap) ** 2)
         d = d * g[:, None]
