@@ -14,18 +14,20 @@ import sys
 import torch
 
 from . import cases, measure, report
-from .providers import OPS, TRAFFIC, all_providers
+from .providers import OPS
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    p.add_argument("--suite", choices=sorted(cases.SUITES), default="ce",
+                   help="ce: cross-entropy on logits; linear: fused linear + cross-entropy (default: ce)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a small set (under 2 minutes on a 2-core CPU)")
     p.add_argument("--out", default=os.path.join("benchmarks", "out"), help="directory for results.json and plots")
     p.add_argument("--providers", help="comma-separated provider names (default: all that can run)")
-    p.add_argument("--shapes", help="comma-separated ROWSxVOCAB, e.g. 4096x32000,1024x128256")
+    p.add_argument("--shapes", help="comma-separated ROWSxVOCAB (ce) or TOKENSxHIDDENxVOCAB (linear)")
     p.add_argument("--dtypes", help="comma-separated: float32,bfloat16,float16")
-    p.add_argument("--ops", help=f"comma-separated subset of {','.join(OPS)}")
+    p.add_argument("--ops", help=f"comma-separated subset of {','.join(OPS)} (linear: fwd,fwd+bwd)")
     p.add_argument("--repeats", type=int, help="timed repeats per case (default 25 on GPU, 5 on CPU)")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     return p.parse_args(argv)
@@ -83,64 +85,63 @@ def copy_bandwidth(device: str, repeats: int) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def select(args, device):
-    shapes = ([tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")] if args.shapes
-              else cases.QUICK_SHAPES[device] if args.quick
-              else cases.GPU_SHAPES if device == "cuda" else cases.CPU_SHAPES)
+def select(args, suite, device):
+    shapes = ([cases.parse_shape(v) for v in args.shapes.split(",")] if args.shapes
+              else cases.default_shapes(suite, device, args.quick))
     dtypes = ([getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes
-              else cases.QUICK_DTYPES[device] if args.quick
-              else cases.GPU_DTYPES if device == "cuda" else cases.CPU_DTYPES)
-    ops = args.ops.split(",") if args.ops else list(OPS)
-    unknown = set(ops) - set(OPS)
+              else (suite.quick_dtypes if args.quick else suite.dtypes)[device])
+    ops = args.ops.split(",") if args.ops else list(suite.ops)
+    unknown = set(ops) - set(suite.ops)
     if unknown:
-        raise SystemExit(f"unknown ops {sorted(unknown)}: expected some of {OPS}")
-    available = all_providers(device)
+        raise SystemExit(f"unknown ops {sorted(unknown)}: expected some of {suite.ops}")
+    available = suite.providers(device)
     wanted = args.providers.split(",") if args.providers else list(available)
     for name in wanted:
         if name not in available:
             raise SystemExit(f"unknown provider {name!r}: expected some of {sorted(available)}")
-    providers = {n: available[n] for n in wanted if not isinstance(available[n], str)}
+    chosen = {n: available[n] for n in wanted if not isinstance(available[n], str)}
     skipped = [{"provider": n, "reason": available[n]} for n in wanted if isinstance(available[n], str)]
-    return shapes, dtypes, ops, providers, skipped
+    return shapes, dtypes, ops, chosen, skipped
 
 
-def run_config(shape, dtype, ops, providers, device, repeats, memory, progress, skipped):
+def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, progress, skipped):
     """Measures every (provider, op) on one shape and dtype; returns the records."""
-    rows, vocab = shape
-    size = rows * vocab * torch.empty((), dtype=dtype).element_size()
+    size = suite.logits_bytes(shape, dtype)
     # rotate over input copies that together exceed the L2 cache (50 MB on H100) on the GPU
     n_copies = 1 if device == "cpu" else max(1, min(4, math.ceil(150e6 / size)))
-    inputs = [cases.make_inputs(rows, vocab, dtype, device, seed=i) for i in range(n_copies)]
+    inputs = [suite.make_inputs(shape, dtype, device, seed=i) for i in range(n_copies)]
     jobs = [(name, op) for name, p in providers.items() for op in ops if op in p.ops]
-    records, built = [], []
-    for name, op in jobs:
-        built.append([providers[name].make(op, x, t) for x, t in inputs])
+    built = [[providers[name].make(op, x) for x in inputs] for name, op in jobs]
     if device == "cpu":
         times = measure.time_cpu(built, repeats)
     else:
         times = []
-        for (name, op), copies in zip(jobs, built):
+        for copies in built:
             try:
                 times.append(measure.time_gpu(copies, repeats))
             except torch.cuda.OutOfMemoryError:
                 times.append(None)
                 torch.cuda.empty_cache()
+    records = []
     for (name, op), copies, ms in zip(jobs, built, times):
-        label = f"{name} {op} {rows}x{vocab} {str(dtype)[6:]}"
+        label = f"{name} {op} {cases.shape_label(shape)} {str(dtype)[6:]}"
         progress.step(label)
         if ms is None:
             skipped.append({"provider": name, "reason": f"out of memory at {label}"})
             continue
         setup, run = copies[0]
         setup()
-        ok, problem = measure.check_against_float64(op, run(), *inputs[0])
+        ok, problem = suite.check(op, run(), inputs[0])
         peak = None
         if memory:
             peak = (measure.peak_memory_gpu(copies[0]) if device == "cuda"
-                    else measure.peak_memory_cpu(name, op, shape, dtype))
-        records.append({"provider": name, "op": op, "shape": [rows, vocab], "dtype": str(dtype)[6:], "ms": ms,
-                        "gbps": TRAFFIC[op] * size / (ms * 1e-3) / 1e9, "peak_mem_bytes": peak,
-                        "grad_bytes": size, "correct": ok, "problem": problem})
+                    else measure.peak_memory_cpu(suite.name, name, op, shape, dtype))
+        record = {"provider": name, "op": op, "shape": list(shape), "dtype": str(dtype)[6:], "ms": ms,
+                  "gbps": suite.traffic_bytes(op, shape, dtype) / (ms * 1e-3) / 1e9, "peak_mem_bytes": peak,
+                  "logits_bytes": size, "correct": ok, "problem": problem}
+        if suite.flops(op, shape):
+            record["tflops"] = suite.flops(op, shape) / (ms * 1e-3) / 1e12
+        records.append(record)
     del built, inputs
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -153,7 +154,8 @@ def main(argv=None) -> None:
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     repeats = args.repeats or (25 if device == "cuda" else 5)
-    shapes, dtypes, ops, providers, skipped = select(args, device)
+    suite = cases.SUITES[args.suite]
+    shapes, dtypes, ops, providers, skipped = select(args, suite, device)
     if device == "cpu" and args.quick and "torch-compile" in providers and not args.providers:
         skipped.append({"provider": "torch-compile", "reason": "--quick on the CPU: compiling takes minutes"})
         del providers["torch-compile"]
@@ -163,16 +165,17 @@ def main(argv=None) -> None:
     records = []
     for shape in shapes:
         for dtype in dtypes:
-            records += run_config(shape, dtype, ops, providers, device, repeats, not args.no_memory, progress,
-                                  skipped)
-    result = {"device": device_name(device), "copy_gbps": copy_gbps, "torch": torch.__version__,
+            records += run_config(suite, shape, dtype, ops, providers, device, repeats, not args.no_memory,
+                                  progress, skipped)
+    result = {"suite": suite.name, "baselines": list(suite.baselines),
+              "device": device_name(device), "copy_gbps": copy_gbps, "torch": torch.__version__,
               "triton": triton_version(), "commit": git_commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
               "records": records, "skipped": skipped}
     os.makedirs(args.out, exist_ok=True)
     print(report.table(result))
-    path = os.path.join(args.out, "results.json")
+    path = os.path.join(args.out, f"results-{suite.name}.json")
     report.write_json(result, path)
     print(f"wrote {path}")
     for png in report.plots(result, args.out):

@@ -84,9 +84,9 @@ def peak_memory_cpu_here(case: Case) -> int:
     return (peak - base) * 1024
 
 
-def peak_memory_cpu(provider: str, op: str, shape, dtype: torch.dtype) -> int:
+def peak_memory_cpu(suite: str, provider: str, op: str, shape, dtype: torch.dtype) -> int:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "benchmarks.memprobe", provider, op, str(shape[0]), str(shape[1]),
+    cmd = [sys.executable, "-m", "benchmarks.memprobe", suite, provider, op, "x".join(map(str, shape)),
            str(dtype).replace("torch.", "")]
     proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
@@ -127,4 +127,40 @@ def check_against_float64(op: str, result, logits: torch.Tensor, target: torch.T
             problems.append(f"loss off by {rel:.1e} (relative)")
     if grad is not None and not worst_grad <= tol:
         problems.append(f"gradient off by {worst_grad:.1e} of its largest element")
+    return not problems, "; ".join(problems)
+
+
+def check_linear_against_float64(op: str, result, x: torch.Tensor, w: torch.Tensor,
+                                 target: torch.Tensor) -> Tuple[bool, str]:
+    """Loss and gradients of input and weight of cross_entropy(x @ w.T, target) ("mean") against float64,
+    a chunk of tokens at a time."""
+    loss, grads = (result, None) if op == "fwd" else result
+    tokens, vocab = x.shape[0], w.shape[0]
+    w64 = w.double()
+    chunk = max(1, (256 << 20) // (8 * vocab))
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
+    grad_w = torch.zeros_like(w64) if grads is not None else None
+    worst_x = 0.0
+    for start in range(0, tokens, chunk):
+        xc, t = x[start:start + chunk].double(), target[start:start + chunk]
+        logits = xc @ w64.t()
+        lse = torch.logsumexp(logits, 1)
+        total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
+        if grads is not None:
+            d = torch.softmax(logits, 1)
+            d[torch.arange(len(t), device=x.device), t] -= 1
+            d /= tokens
+            ref_x = d @ w64
+            err = (grads[0][start:start + chunk].double() - ref_x).abs().max() / ref_x.abs().max().clamp_min(1e-30)
+            worst_x = max(worst_x, err.item())
+            grad_w += d.t() @ xc
+    tol = TOLERANCE[x.dtype]
+    problems = []
+    ref_loss = (total / tokens).item()
+    if abs(loss.double().item() - ref_loss) > tol * abs(ref_loss):
+        problems.append(f"loss {loss.item():.6g} vs {ref_loss:.6g}")
+    if grads is not None:
+        err_w = ((grads[1].double() - grad_w).abs().max() / grad_w.abs().max().clamp_min(1e-30)).item()
+        if not (worst_x <= tol and err_w <= tol):
+            problems.append(f"gradients off by {max(worst_x, err_w):.1e} of their largest element")
     return not problems, "; ".join(problems)

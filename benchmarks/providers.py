@@ -1,6 +1,6 @@
 """What the benchmarks compare: every cross-entropy a user might pick, behind one interface.
 
-A provider maps (op, logits, target) to a callable that runs that op once. Ops:
+A provider maps (op, inputs) to callables that run that op once. Ops:
   fwd      forward only (logits do not require grad)
   bwd      backward only; the forward runs outside the timed call (fusedce: separate backward kernel)
   fwd+bwd  forward then backward (fusedce: separate kernels, fused=False)
@@ -33,37 +33,42 @@ def _compiled_cross_entropy():
 
 
 class Provider:
-    """name, loss function (logits, target) -> scalar loss, the ops it has, and why it may be skipped."""
+    """A loss function loss(*leaves, target) -> scalar and the ops it has. Inputs are (*leaves, target):
+    (logits, target) for cross-entropy, (input, weight, target) for linear cross-entropy; the leaves
+    get gradients."""
 
     def __init__(self, name: str, loss: Callable, ops=("fwd", "bwd", "fwd+bwd"), fused_loss: Optional[Callable] = None):
         self.name, self.loss, self.ops, self.fused_loss = name, loss, ops, fused_loss
 
-    def make(self, op: str, logits: torch.Tensor, target: torch.Tensor) -> Tuple[Callable, Callable]:
-        """(setup, run): setup() runs untimed before each timed run(); run() returns what to check."""
+    def make(self, op: str, inputs: Tuple[torch.Tensor, ...]) -> Tuple[Callable, Callable]:
+        """(setup, run): setup() runs untimed before each timed run(); run() returns what to check:
+        the loss (fwd), the leaves' gradients (bwd), or both."""
+        *leaves, target = inputs
         if op == "fwd":
-            x = logits.detach()
-            return (lambda: None), (lambda: self.loss(x, target))
-        x = logits.detach().requires_grad_()
+            detached = [t.detach() for t in leaves]
+            return (lambda: None), (lambda: self.loss(*detached, target))
+        leaves = [t.detach().requires_grad_() for t in leaves]
         state = {}
 
         def clear():
-            x.grad = None
+            for t in leaves:
+                t.grad = None
 
         if op == "bwd":
             def forward_untimed():
                 clear()
-                state["loss"] = self.loss(x, target)
+                state["loss"] = self.loss(*leaves, target)
 
             def backward():
                 state.pop("loss").backward()
-                return x.grad
+                return tuple(t.grad for t in leaves)
             return forward_untimed, backward
         loss_fn = self.fused_loss if op == "fused" else self.loss
 
         def forward_backward():
-            loss = loss_fn(x, target)
+            loss = loss_fn(*leaves, target)
             loss.backward()
-            return loss.detach(), x.grad
+            return loss.detach(), tuple(t.grad for t in leaves)
         return clear, forward_backward
 
 
@@ -74,7 +79,7 @@ def _fusedce(backend: str) -> Provider:
                     fused_loss=lambda x, t: fusedce.cross_entropy(x, t, backend=backend, fused=True))
 
 
-def all_providers(device: str) -> Dict[str, object]:
+def cross_entropy_providers(device: str) -> Dict[str, object]:
     """name -> Provider, or name -> reason string when it cannot run on `device`."""
     dev = torch.device(device)
     out: Dict[str, object] = {}
@@ -91,6 +96,44 @@ def all_providers(device: str) -> Dict[str, object]:
         liger = _liger_loss()
         # Liger always computes the gradient inside its forward: its fwd+bwd is its fused mode
         out["liger"] = (Provider("liger", lambda x, t: liger(x, t), ops=("fwd", "fwd+bwd")) if device == "cuda"
+                        else "Liger-Kernel runs on CUDA tensors only")
+    except ImportError as e:
+        out["liger"] = f"liger-kernel is not importable ({e})"
+    return out
+
+
+# ---- fused linear + cross-entropy: (input [N, H], weight [V, H], target [N]) -----------------------
+
+LINEAR_OPS = ("fwd", "fwd+bwd")
+
+
+def _liger_linear_loss():
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    return liger_fused_linear_cross_entropy
+
+
+def linear_providers(device: str) -> Dict[str, object]:
+    dev = torch.device(device)
+    out: Dict[str, object] = {}
+    for backend in ("cpu", "triton", "torch"):
+        try:
+            backends.resolve(backend, dev)
+            out[f"fusedce-{backend}"] = Provider(
+                f"fusedce-{backend}", lambda x, w, t, b=backend: fusedce.linear_cross_entropy(x, w, t, backend=b),
+                ops=LINEAR_OPS)
+        except RuntimeError as e:
+            out[f"fusedce-{backend}"] = str(e)
+    out["materialised"] = Provider("materialised", lambda x, w, t: F.cross_entropy(x @ w.t(), t), ops=LINEAR_OPS)
+    if hasattr(F, "linear_cross_entropy"):  # its chunked path, the one that saves memory
+        out["torch-linear-ce"] = Provider(
+            "torch-linear-ce",
+            lambda x, w, t: F.linear_cross_entropy(x, w, t, options=torch.nn.LinearCrossEntropyOptions()),
+            ops=LINEAR_OPS)
+    else:
+        out["torch-linear-ce"] = "torch.nn.functional.linear_cross_entropy needs torch 2.13+"
+    try:
+        liger = _liger_linear_loss()
+        out["liger"] = (Provider("liger", lambda x, w, t: liger(x, w, t), ops=LINEAR_OPS) if device == "cuda"
                         else "Liger-Kernel runs on CUDA tensors only")
     except ImportError as e:
         out["liger"] = f"liger-kernel is not importable ({e})"

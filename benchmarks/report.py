@@ -9,20 +9,28 @@ from typing import Dict, List
 
 def table(result: Dict) -> str:
     copy = result["copy_gbps"]
+    baselines = result["baselines"]
     lines = [f"device: {result['device']}   torch {result['torch']}   triton {result['triton']}   "
              f"copy bandwidth {copy:.1f} GB/s   commit {result['commit'][:10]}",
-             f"{'shape':>14} {'dtype':>9} {'op':>8} {'provider':>15} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
-             f"{'peak MB':>9} {'vs torch':>8} {'vs unfused':>10}  check"]
-    baseline = {(r["shape"][0], r["shape"][1], r["dtype"], r["op"], r["provider"]): r["ms"] for r in result["records"]}
+             f"{'shape':>18} {'dtype':>9} {'op':>8} {'provider':>15} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
+             f"{'peak MiB':>9} " + " ".join(f"{'vs ' + b:>15}" for b in baselines)
+             + f" {'mem vs ' + baselines[0]:>18}  check"]
+    by_key = {(tuple(r["shape"]), r["dtype"], r["op"], r["provider"]): r for r in result["records"]}
     for r in result["records"]:
         # the fused mode does the user's forward + backward: compare it with the others' fwd+bwd
-        key = (r["shape"][0], r["shape"][1], r["dtype"], "fwd+bwd" if r["op"] == "fused" else r["op"])
-        vs = [baseline.get(key + (p,)) for p in ("torch", "unfused")]
-        ratios = [f"{b / r['ms']:.2f}x" if b else "-" for b in vs]
+        key = (tuple(r["shape"]), r["dtype"], "fwd+bwd" if r["op"] == "fused" else r["op"])
+        ratios = []
+        for b in baselines:
+            base = by_key.get(key + (b,))
+            ratios.append(f"{base['ms'] / r['ms']:.2f}x faster" if base else "-")
+        base = by_key.get(key + (baselines[0],))
+        mem = (f"{r['peak_mem_bytes'] / base['peak_mem_bytes']:.2f}x" if base and r.get("peak_mem_bytes") is not None
+               and base.get("peak_mem_bytes") else "-")
         peak = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else "-"
-        lines.append(f"{r['shape'][0]:>6}x{r['shape'][1]:<7} {r['dtype']:>9} {r['op']:>8} {r['provider']:>15} "
-                     f"{r['ms']:>9.3f} {r['gbps']:>8.1f} {100 * r['gbps'] / copy:>5.0f}% {peak:>9} "
-                     f"{ratios[0]:>8} {ratios[1]:>10}  {'ok' if r['correct'] else 'WRONG: ' + r['problem']}")
+        shape = "x".join(str(v) for v in r["shape"])
+        lines.append(f"{shape:>18} {r['dtype']:>9} {r['op']:>8} {r['provider']:>15} {r['ms']:>9.3f} {r['gbps']:>8.1f} "
+                     f"{100 * r['gbps'] / copy:>5.0f}% {peak:>9} " + " ".join(f"{x:>15}" for x in ratios)
+                     + f" {mem:>18}  {'ok' if r['correct'] else 'WRONG: ' + r['problem']}")
     for s in result["skipped"]:
         lines.append(f"skipped {s['provider']}: {s['reason']}")
     return "\n".join(lines)
@@ -45,15 +53,16 @@ def plots(result: Dict, out_dir: str) -> List[str]:
         return []
     groups: Dict = defaultdict(lambda: defaultdict(list))
     for r in result["records"]:
-        groups[(r["op"], r["dtype"], r["shape"][0])][r["provider"]].append(r)
+        groups[(r["op"], r["dtype"], tuple(r["shape"][:-1]))][r["provider"]].append(r)
     written = []
-    for (op, dtype, rows), by_provider in sorted(groups.items()):
+    for (op, dtype, lead), by_provider in sorted(groups.items()):
+        rows = "x".join(map(str, lead))
         if max(len(v) for v in by_provider.values()) < 2:
             continue  # one vocabulary size: nothing to plot against
         fig, (ax_bw, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
         for provider, recs in sorted(by_provider.items()):
-            recs = sorted(recs, key=lambda r: r["shape"][1])
-            vocab = [r["shape"][1] for r in recs]
+            recs = sorted(recs, key=lambda r: r["shape"][-1])
+            vocab = [r["shape"][-1] for r in recs]
             ax_bw.plot(vocab, [r["gbps"] for r in recs], marker="o", label=provider)
             ax_mem.plot(vocab, [(r["peak_mem_bytes"] or 0) / 2**30 for r in recs], marker="o", label=provider)
         ax_bw.axhline(result["copy_gbps"], color="gray", linestyle="--", label="copy bandwidth")
@@ -64,7 +73,7 @@ def plots(result: Dict, out_dir: str) -> List[str]:
         ax_bw.legend(fontsize=8)
         fig.suptitle(result["device"])
         fig.tight_layout()
-        path = os.path.join(out_dir, f"{op.replace('+', '_')}_{dtype}_{rows}rows.png")
+        path = os.path.join(out_dir, f"{result['suite']}_{op.replace('+', '_')}_{dtype}_{rows}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

@@ -134,7 +134,7 @@ def test_backward_twice_through_retained_graph(backend):
 
 def test_automatic_chunk_size_is_bounded():
     from fusedce.linear import auto_chunk_size
-    assert auto_chunk_size(100000, 128256, torch.float32, torch.device("cpu")) == (64 << 20) // (128256 * 4)
+    assert auto_chunk_size(100000, 128256, torch.float32, torch.device("cpu")) == (32 << 20) // (128256 * 4)
     assert auto_chunk_size(7, 100, torch.float32, torch.device("cpu")) == 7
     assert auto_chunk_size(10, 10 ** 9, torch.bfloat16, torch.device("cpu")) == 1
 

@@ -19,7 +19,7 @@ from .api import _mean_denominator
 
 # Bytes of one chunk's logits when the caller gives no chunk_size: large enough that the matmuls
 # run at full speed, small beside the [tokens, vocab] logits this replaces.
-_CPU_CHUNK_BYTES = 64 << 20
+_CPU_CHUNK_BYTES = 32 << 20
 _GPU_CHUNK_BYTES = 1 << 30
 
 
@@ -48,7 +48,10 @@ class _Grads:
         if self.input is not None:
             torch.mm(dlogits, weight, out=self.input[start:start + dlogits.shape[0]])
         if self.weight is not None:
-            self.weight += _mm_fp32(dlogits.t(), x, self.weight.dtype)
+            if dlogits.dtype == self.weight.dtype:
+                self.weight.addmm_(dlogits.t(), x)  # in place: no [V, H] temporary
+            else:
+                self.weight += _mm_fp32(dlogits.t(), x, self.weight.dtype)
         if self.bias is not None:
             self.bias += dlogits.sum(0, dtype=self.bias.dtype)
 
@@ -60,9 +63,7 @@ class _Grads:
 
 
 def _mm_fp32(a, b, acc):
-    """a @ b with fp32 (acc) output and accumulation, also for bf16/fp16 operands."""
-    if a.dtype == acc:
-        return a @ b
+    """a @ b (bf16 / fp16 operands) with fp32 (acc) output and accumulation."""
     if a.is_cuda:
         return torch.mm(a, b, out_dtype=acc)
     return a.to(acc) @ b.to(acc)  # the CPU has no mixed-precision mm: upcast the chunk
