@@ -112,8 +112,16 @@ def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, pro
     inputs = [suite.make_inputs(shape, dtype, device, seed=i) for i in range(n_copies)]
     jobs = [(name, op) for name, p in providers.items() for op in ops if op in p.ops]
     built = [[providers[name].make(op, x) for x in inputs] for name, op in jobs]
+    checked_apart = {}  # job index -> (correct, problem), for jobs measured in a process of their own
     if device == "cpu":
-        times = measure.time_cpu(built, repeats)
+        shared = [i for i, (name, _) in enumerate(jobs) if name not in measure.ISOLATED_PROVIDERS]
+        times = [None] * len(jobs)
+        for i, ms in zip(shared, measure.time_cpu([built[i] for i in shared], repeats)):
+            times[i] = ms
+        for i, (name, op) in enumerate(jobs):
+            if name in measure.ISOLATED_PROVIDERS:
+                times[i], ok, problem = measure.time_cpu_isolated(suite.name, name, op, shape, dtype, repeats)
+                checked_apart[i] = (ok, problem)
     else:
         times = []
         for copies in built:
@@ -123,15 +131,18 @@ def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, pro
                 times.append(None)
                 torch.cuda.empty_cache()
     records = []
-    for (name, op), copies, ms in zip(jobs, built, times):
+    for i, ((name, op), copies, ms) in enumerate(zip(jobs, built, times)):
         label = f"{name} {op} {cases.shape_label(shape)} {str(dtype)[6:]}"
         progress.step(label)
         if ms is None:
             skipped.append({"provider": name, "reason": f"out of memory at {label}"})
             continue
         setup, run = copies[0]
-        setup()
-        ok, problem = suite.check(op, run(), inputs[0])
+        if i in checked_apart:  # running it here would slow the providers measured after it
+            ok, problem = checked_apart[i]
+        else:
+            setup()
+            ok, problem = suite.check(op, run(), inputs[0])
         peak = None
         if memory:
             peak = (measure.peak_memory_gpu(copies[0]) if device == "cuda"

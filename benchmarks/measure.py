@@ -4,7 +4,7 @@ GPU: CUDA events around each call, warm-up first, the median of many repeats, in
 copies that together exceed the L2 cache so small shapes are not flattered. CPU: perf_counter
 medians with the cases interleaved (a slow phase of the machine hits every provider alike).
 Peak memory: on the GPU torch.cuda.max_memory_allocated after a reset; on the CPU the peak resident
-set (VmHWM, reset through /proc/self/clear_refs) of a fresh subprocess per case (memprobe.py), so no
+set (VmHWM, reset through /proc/self/clear_refs) of a fresh subprocess per case (probe.py), so no
 provider's freed-but-cached memory hides another's. Both are the peak over what existed before the
 timed call (inputs, and for "bwd" the forward's saved state)."""
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _status_kb(field: str) -> int:
 
 
 def peak_memory_cpu_here(case: Case) -> int:
-    """Run inside a fresh process (memprobe.py): peak RSS of the timed call over the RSS before it."""
+    """Run inside a fresh process (probe.py): peak RSS of the timed call over the RSS before it."""
     setup, run = case
     setup()
     with open("/proc/self/clear_refs", "w") as f:
@@ -84,15 +84,32 @@ def peak_memory_cpu_here(case: Case) -> int:
     return (peak - base) * 1024
 
 
-def peak_memory_cpu(suite: str, provider: str, op: str, shape, dtype: torch.dtype) -> int:
+# Once torch.compile has run in a CPU process, eager torch ops in that process slow down (measured:
+# F.cross_entropy fwd+bwd at 4096 x 32000 fp32 took 1265 ms beside torch-compile, 452 ms without), so
+# these providers are timed in a process of their own rather than interleaved with the others.
+ISOLATED_PROVIDERS = ("torch-compile",)
+
+
+def _probe(kind: str, suite: str, provider: str, op: str, shape, dtype: torch.dtype, *extra) -> dict:
+    """Runs benchmarks/probe.py in a fresh process and returns what it printed."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    cmd = [sys.executable, "-m", "benchmarks.memprobe", suite, provider, op, "x".join(map(str, shape)),
-           str(dtype).replace("torch.", "")]
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900,
+    cmd = [sys.executable, "-m", "benchmarks.probe", kind, suite, provider, op, "x".join(map(str, shape)),
+           str(dtype).replace("torch.", ""), *map(str, extra)]
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=1800,
                           env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
     if proc.returncode != 0:
-        raise RuntimeError(f"memory probe failed: {proc.stderr.strip().splitlines()[-1:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])["peak_mem_bytes"]
+        raise RuntimeError(f"{kind} probe failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_memory_cpu(suite: str, provider: str, op: str, shape, dtype: torch.dtype) -> int:
+    return _probe("memory", suite, provider, op, shape, dtype)["peak_mem_bytes"]
+
+
+def time_cpu_isolated(suite: str, provider: str, op: str, shape, dtype: torch.dtype, repeats: int):
+    """(median ms, correct, problem) measured and checked in a process of its own."""
+    out = _probe("time", suite, provider, op, shape, dtype, repeats)
+    return out["ms"], out["correct"], out["problem"]
 
 
 # ---- correctness --------------------------------------------------------------------------------
