@@ -1,4 +1,5 @@
-"""Output of a benchmark run: the terminal table, the JSON file and the PNG plots."""
+"""Output of a benchmark run: the terminal table, the JSON file and the PNG plots.
+`python -m benchmarks.report RESULTS.json` prints a run as the Markdown table the README shows."""
 from __future__ import annotations
 
 import json
@@ -42,8 +43,8 @@ def write_json(result: Dict, path: str) -> None:
 
 
 def plots(result: Dict, out_dir: str) -> List[str]:
-    """Throughput and peak memory against vocabulary size, one line per provider, for each
-    (op, dtype, rows). Returns the files written (none without matplotlib)."""
+    """Throughput and peak memory against vocabulary size, one line per provider, for each (op, dtype).
+    Returns the files written (none without matplotlib)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -52,12 +53,11 @@ def plots(result: Dict, out_dir: str) -> List[str]:
         print("plots skipped: matplotlib is not installed (pip install matplotlib)")
         return []
     groups: Dict = defaultdict(lambda: defaultdict(list))
-    for r in result["records"]:
-        groups[(r["op"], r["dtype"], tuple(r["shape"][:-1]))][r["provider"]].append(r)
+    for r in result["records"]:  # effective GB/s is comparable across row counts: one plot per op and dtype
+        groups[(r["op"], r["dtype"])][r["provider"]].append(r)
     written = []
-    for (op, dtype, lead), by_provider in sorted(groups.items()):
-        rows = "x".join(map(str, lead))
-        if max(len(v) for v in by_provider.values()) < 2:
+    for (op, dtype), by_provider in sorted(groups.items()):
+        if max(len({r["shape"][-1] for r in v}) for v in by_provider.values()) < 2:
             continue  # one vocabulary size: nothing to plot against
         fig, (ax_bw, ax_mem) = plt.subplots(1, 2, figsize=(12, 4.5))
         for provider, recs in sorted(by_provider.items()):
@@ -67,14 +67,40 @@ def plots(result: Dict, out_dir: str) -> List[str]:
             ax_mem.plot(vocab, [(r["peak_mem_bytes"] or 0) / 2**30 for r in recs], marker="o", label=provider)
         ax_bw.axhline(result["copy_gbps"], color="gray", linestyle="--", label="copy bandwidth")
         ax_bw.set(xlabel="vocabulary size", ylabel="effective GB/s (minimal bytes / time)", xscale="log",
-                  title=f"{op}, {rows} rows, {dtype}")
+                  title=f"{result['suite']} {op}, {dtype}")
         ax_mem.set(xlabel="vocabulary size", ylabel="peak extra memory (GiB)", xscale="log",
-                   title=f"peak memory, {op}, {rows} rows, {dtype}")
+                   title=f"peak memory, {op}, {dtype}")
         ax_bw.legend(fontsize=8)
         fig.suptitle(result["device"])
         fig.tight_layout()
-        path = os.path.join(out_dir, f"{result['suite']}_{op.replace('+', '_')}_{dtype}_{rows}.png")
+        path = os.path.join(out_dir, f"{result['suite']}_{op.replace('+', '_')}_{dtype}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)
     return written
+
+
+def markdown(result: Dict) -> str:
+    """The README's table of a run: time, bandwidth and peak memory, with speed-ups over the baselines."""
+    baselines = result["baselines"]
+    by_key = {(tuple(r["shape"]), r["dtype"], r["op"], r["provider"]): r for r in result["records"]}
+    head = ("| shape | dtype | op | provider | ms | GB/s (% of copy) | peak MiB | "
+            + " | ".join(f"vs {b}" for b in baselines) + " |")
+    lines = [f"{result['device']}, torch {result['torch']}, copy bandwidth {result['copy_gbps']:.1f} GB/s, "
+             f"{result['date']}, commit {result['commit'][:10]}: `{result['command']}`", "", head,
+             "|" + "---|" * (7 + len(baselines))]
+    for r in result["records"]:
+        key = (tuple(r["shape"]), r["dtype"], "fwd+bwd" if r["op"] == "fused" else r["op"])
+        ratios = [f"{by_key[key + (b,)]['ms'] / r['ms']:.2f}x" if key + (b,) in by_key else "-" for b in baselines]
+        peak = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") is not None else "-"
+        lines.append(f"| {'x'.join(map(str, r['shape']))} | {r['dtype']} | {r['op']} | {r['provider']} | {r['ms']:.1f} | "
+                     f"{r['gbps']:.1f} ({100 * r['gbps'] / result['copy_gbps']:.0f}%) | {peak} | " + " | ".join(ratios)
+                     + " |" + ("" if r["correct"] else " WRONG"))
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+    for path in sys.argv[1:]:
+        with open(path) as f:
+            print(markdown(json.load(f)), end="\n\n")

@@ -7,6 +7,10 @@ import torch.nn.functional as F
 def reference_loss(input, target, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                    z_loss=0.0, softcap=None):
     """Returns the loss in float64 for float64 copies of the inputs (differentiable w.r.t. them)."""
+    if not z_loss:  # torch's own reduction, denominators included
+        x = softcap * torch.tanh(input / softcap) if softcap else input
+        return F.cross_entropy(x, target, weight=weight, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=label_smoothing)
     x = softcap * torch.tanh(input / softcap) if softcap else input
     per_row = F.cross_entropy(x, target, weight=weight, ignore_index=ignore_index, reduction="none",
                               label_smoothing=label_smoothing)

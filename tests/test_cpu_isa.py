@@ -50,3 +50,11 @@ def test_every_instruction_set_variant(isa):
         pytest.skip(f"this CPU cannot run the {isa} kernels ({proc.stdout.strip()})")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == f"ok {isa}"
+
+
+def test_unknown_instruction_set_is_an_error():
+    env = dict(os.environ, FUSEDCE_CPU_ISA="avx9000")
+    code = "import torch, fusedce; fusedce.cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]), backend='cpu')"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "ValueError: FUSEDCE_CPU_ISA=avx9000: expected avx512, avx2 or baseline" in proc.stderr

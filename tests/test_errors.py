@@ -35,8 +35,10 @@ def test_out_of_range_target_is_nan_not_a_number_on_the_gpu(data):
     (dict(reduction="avg"), ValueError, "avg is not a valid value for reduction"),
     (dict(label_smoothing=1.5), ValueError, "label_smoothing must be between 0.0 and 1.0"),
     (dict(label_smoothing=-0.1), ValueError, "label_smoothing must be between 0.0 and 1.0"),
-    (dict(z_loss=-1.0), ValueError, "z_loss must be a non-negative"),
-    (dict(softcap=0.0), ValueError, "softcap must be a positive"),
+    (dict(z_loss=-1.0), ValueError, "z_loss must be a finite non-negative"),
+    (dict(softcap=0.0), ValueError, "softcap must be a finite positive"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be a finite positive"),
+    (dict(z_loss=float("nan")), ValueError, "z_loss must be a finite non-negative"),
     (dict(backend="tpu"), ValueError, "unknown backend 'tpu'"),
 ])
 def test_bad_options(data, kwargs, error, message):
@@ -101,3 +103,16 @@ def test_scalar_and_classless_inputs():
         fusedce.cross_entropy(torch.tensor(1.0), torch.tensor(0))
     with pytest.raises(ValueError, match="input has no classes"):
         fusedce.cross_entropy(torch.randn(3, 0), torch.zeros(3, dtype=torch.long))
+
+
+def test_ops_check_the_layout_they_read(data):
+    """The custom ops are public: a layout the kernels cannot read raises instead of reading garbage."""
+    logits, target, backend = data
+    options = (-100, 0.0, 0.0, 0.0, backend)
+    with pytest.raises(ValueError, match="class-index targets must be a contiguous int64 tensor"):
+        torch.ops.fusedce.cross_entropy_forward(logits, target.int(), None, *options)
+    with pytest.raises(ValueError, match="weight must be a contiguous torch.float32 tensor of shape \\(10,\\)"):
+        torch.ops.fusedce.cross_entropy_forward(logits, target, torch.ones(10, dtype=torch.float16,
+                                                                            device=logits.device), *options)
+    with pytest.raises(ValueError, match="logits must have unit stride along the classes"):
+        torch.ops.fusedce.cross_entropy_forward(logits.t().contiguous().t(), target, None, *options)

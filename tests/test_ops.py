@@ -157,3 +157,55 @@ def test_fused_inplace_second_backward_raises(backend):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="backward called twice with inplace_backward=True"):
         loss.backward()
+
+
+
+def test_inplace_backward_with_lse_and_target_gradients(backend):
+    """Gradients that read the logits (through lse, and of probability targets) are taken before the
+    in-place kernel overwrites them."""
+    device = device_of(backend)
+    w = torch.randn(6, 30, device=device, requires_grad=True)
+    h = torch.randn(5, 6, device=device)
+    target = torch.softmax(torch.randn(5, 30, device=device), 1).requires_grad_()
+    loss, lse = fusedce.cross_entropy(h @ w, target, reduction="sum", return_lse=True, inplace_backward=True,
+                                      backend=backend)
+    gw, gt = torch.autograd.grad(loss + (lse ** 2).sum(), (w, target))
+    w64, t64 = to64(w).requires_grad_(), to64(target).requires_grad_()
+    logits64 = h.double() @ w64
+    ref = reference_loss(logits64, t64, reduction="sum") + (torch.logsumexp(logits64, 1) ** 2).sum()
+    rw, rt = torch.autograd.grad(ref, (w64, t64))
+    assert_close(gw, rw, torch.float32, scale=rw.abs().max().item())
+    assert_close(gt, rt, torch.float32, scale=rt.abs().max().item())
+
+
+def test_inplace_backward_rejects_views_of_leaves(backend):
+    x = torch.randn(30, device=device_of(backend), requires_grad=True)  # 1-D: the kernels see a view of it
+    with pytest.raises(RuntimeError, match="overwrite a leaf tensor"):
+        fusedce.cross_entropy(x, torch.tensor(3, device=x.device), inplace_backward=True, backend=backend)
+
+
+def test_inplace_second_backward_raises(backend):
+    device = device_of(backend)
+    w = torch.randn(5, 20, device=device, requires_grad=True)
+    loss = fusedce.cross_entropy(torch.randn(4, 5, device=device) @ w, torch.randint(0, 20, (4,), device=device),
+                                 reduction="none", inplace_backward=True, backend=backend).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward called twice with inplace_backward=True"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_double_backward_raises_instead_of_dropping_terms(backend, fused):
+    x = torch.randn(4, 20, device=device_of(backend), requires_grad=True)
+    loss = fusedce.cross_entropy(x, torch.randint(0, 20, (4,), device=x.device), fused=fused, backend=backend)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad"):
+        g.pow(2).sum().backward()
+
+
+def test_fused_mode_refuses_target_gradients(backend):
+    device = device_of(backend)
+    x = torch.randn(3, 10, device=device, requires_grad=True)
+    target = torch.softmax(torch.randn(3, 10, device=device), 1).requires_grad_()
+    with pytest.raises(ValueError, match="a target that does not require grad"):
+        fusedce.cross_entropy(x, target, fused=True, backend=backend)

@@ -213,3 +213,19 @@ def test_confident_predictions_keep_their_precision(backend):
     rows = torch.arange(4, device=device)
     torch.testing.assert_close(x.grad[rows, target].double(), x64.grad[rows, target], rtol=1e-5, atol=0)
     assert_close(x.grad, x64.grad, torch.float32, scale=x64.grad.abs().max().item())
+
+
+def test_negative_class_weights(backend):
+    """Negative weights (torch allows them) make the sum of the coefficients negative; the running
+    smoothing sum must still follow the max from block to block (32003 columns: several blocks)."""
+    device = device_of(backend)
+    logits = torch.randn(3, 32003)
+    logits[:, 20000] += 30  # the max arrives in a later block
+    weight = -torch.rand(32003)
+    target = torch.randint(0, 32003, (3,))
+    logits, weight, target = logits.to(device), weight.to(device), target.to(device)
+    for reduction in ("none", "sum"):
+        loss = fusedce.cross_entropy(logits, target, weight, label_smoothing=0.1, reduction=reduction,
+                                     backend=backend)
+        ref = reference_loss(logits.double(), target, weight.double(), label_smoothing=0.1, reduction=reduction)
+        assert_close(loss, ref, torch.float32, scale=ref.abs().max().item())

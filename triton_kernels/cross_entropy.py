@@ -111,7 +111,7 @@ def cross_entropy_kernel(
             if HAS_C:
                 c = _coefficients(target_ptr, weight_ptr, row, cols, mask, V, target_row_stride, label_smoothing,
                                   SOFT, HAS_WEIGHT)
-                cx = tl.where(k > 0, cx - k * (m_new - m), cx) + tl.sum(tl.where(mask, c * (x - m_new), 0.0), axis=0)
+                cx = tl.where(k != 0, cx - k * (m_new - m), cx) + tl.sum(tl.where(mask, c * (x - m_new), 0.0), axis=0)
                 k += tl.sum(c, axis=0)
             m = m_new
         log_s = tl.where(top > 0, tl.log(top) + _log1p(rest / top), tl.log(rest))

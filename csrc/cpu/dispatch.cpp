@@ -6,6 +6,7 @@
 #include <sys/mman.h>
 
 #include <cstdlib>
+#include <exception>
 #include <stdexcept>
 #include <string>
 
@@ -21,7 +22,8 @@ bool cpu_has_avx2() {
 }
 
 // FUSEDCE_CPU_ISA=avx2|baseline forces a narrower instruction set than the CPU has (the tests use it to
-// cover every variant on one machine); a wider one than the CPU supports is refused.
+// cover every variant on one machine). An unknown name, or one this CPU cannot run, raises ValueError
+// at the first kernel call rather than being ignored.
 const KernelTable& pick_table() {
   __builtin_cpu_init();
   if (const char* forced = std::getenv("FUSEDCE_CPU_ISA")) {
@@ -29,6 +31,8 @@ const KernelTable& pick_table() {
     if (isa == "baseline") return kTable_baseline;
     if (isa == "avx2" && cpu_has_avx2()) return kTable_avx2;
     if (isa == "avx512" && cpu_has_avx512()) return kTable_avx512;
+    throw std::invalid_argument("FUSEDCE_CPU_ISA=" + isa +
+                                ": expected avx512, avx2 or baseline, and one this CPU supports");
   }
   if (cpu_has_avx512()) return kTable_avx512;
   if (cpu_has_avx2()) return kTable_avx2;
@@ -75,17 +79,26 @@ BackwardIO with_store_mode(BackwardIO io, const CrossEntropyArgs& a) {
 }
 
 // Static split of rows over threads: rows cost the same, and contiguous ranges keep streams sequential.
+// An exception (std::bad_alloc of a row cache) must not leave the parallel region, where it would end
+// the process: the first one is kept and rethrown after it.
 template <typename Fn>
 void parallel_rows(int64_t rows, int num_threads, Fn fn) {
   if (rows == 0) return;
   const int nt = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, rows)));
+  std::exception_ptr error;
 #pragma omp parallel num_threads(nt)
   {
     const int64_t id = omp_get_thread_num(), n = omp_get_num_threads();
     const int64_t begin = rows * id / n, end = rows * (id + 1) / n;
-    fn(begin, end);
+    try {
+      fn(begin, end);
+    } catch (...) {
+#pragma omp critical(fusedce_error)
+      if (!error) error = std::current_exception();
+    }
     _mm_sfence();  // order this thread's streaming stores before the caller reads the output
   }
+  if (error) std::rethrow_exception(error);
 }
 
 }  // namespace

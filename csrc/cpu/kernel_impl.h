@@ -301,7 +301,7 @@ RowStats<Acc> forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int6
         vk += c;
         vcx += c * (load_vec(x + i) - m_new);
       }
-      cx = k > 0 ? cx - k * (m_new - m) : cx;
+      cx = k != 0 ? cx - k * (m_new - m) : cx;  // k == 0 before the first coefficients: m may be the sentinel
       cx += horizontal_sum<Acc>(vcx);
       k += horizontal_sum<Acc>(vk);
       for (int64_t i = n_vec; i < n; ++i) {

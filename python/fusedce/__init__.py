@@ -1,4 +1,5 @@
-"""fusedce: fused single-pass cross-entropy for PyTorch (Triton, CUDA C++ and C++ CPU kernels)."""
+"""fusedce: fused single-pass cross-entropy for PyTorch (C++ CPU and Triton kernels; the "cuda" backend
+name is reserved for hand-written CUDA kernels that are not built yet and raises a clear error)."""
 from . import ops  # registers the torch.library custom ops
 from .api import CrossEntropyLoss, cross_entropy
 from .backends import BACKENDS

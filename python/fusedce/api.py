@@ -11,6 +11,7 @@ from torch.nn import _reduction
 
 from . import backends, checks
 from .function import CrossEntropyFunction, FusedCrossEntropyFunction
+from .options import accumulation_dtype
 
 
 def _to_rows(x: torch.Tensor) -> torch.Tensor:
@@ -32,8 +33,10 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
 
     z_loss: coefficient of the auxiliary z-loss, adds z_loss * lse**2 for every non-ignored row.
     softcap: if set, logits -> softcap * tanh(logits / softcap) before the softmax (Gemma 2 style).
-    return_lse: also return the per-row log-sum-exp (fp32, the shape of the unreduced loss).
-    inplace_backward: write the logits' gradient into the logits' memory (see CrossEntropyFunction).
+    return_lse: also return the per-row log-sum-exp (fp32, fp64 for fp64 input; the shape of the
+        unreduced loss).
+    inplace_backward: write the logits' gradient into the logits' memory (see CrossEntropyFunction);
+        in the fused mode this happens in the forward, so the logits hold their gradient from then on.
     fused: compute the logits' gradient during the forward (see FusedCrossEntropyFunction). None (the
         default) turns it on when it applies: a "mean" or "sum" loss in eager mode whose logits
         require grad and no return_lse. The gradient's memory is then taken at the forward.
@@ -54,7 +57,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     soft = target.is_floating_point()
     logits = _to_rows(input)
     rows_target = _to_rows(target) if soft else target.reshape(-1).to(torch.int64).contiguous()
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(input.dtype)
     w = weight.to(acc).contiguous() if weight is not None else None
 
     options = (ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0), name)
@@ -63,11 +66,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         fused = (reduction != "none" and not return_lse and input.requires_grad and torch.is_grad_enabled()
                  and not torch.compiler.is_compiling() and not (soft and target.requires_grad))
     if fused:
-        if reduction == "none" or return_lse:
-            raise ValueError("fused=True needs reduction 'mean' or 'sum' and return_lse=False: the gradient is "
-                             "computed for the reduced loss")
+        if reduction == "none" or return_lse or (soft and target.requires_grad):
+            raise ValueError("fused=True needs reduction 'mean' or 'sum', return_lse=False and a target that "
+                             "does not require grad: only the logits' gradient of the reduced loss is computed")
         denominator = None if reduction == "sum" else (
-            torch.tensor(float(logits.shape[0]), dtype=acc, device=logits.device) if soft
+            torch.full((), logits.shape[0], dtype=acc, device=logits.device) if soft  # no host-to-device copy
             else _mean_denominator(rows_target, w, ignore_index, acc))
         inplace = inplace_backward and not torch.compiler.is_compiling()
         result = FusedCrossEntropyFunction.apply(logits, rows_target, w, denominator, options, inplace)

@@ -2,6 +2,7 @@
 with a message that says what was expected and what came."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -17,10 +18,10 @@ def check_reduction(reduction: str) -> None:
 def check_options(label_smoothing: float, z_loss: float, softcap: Optional[float]) -> None:
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
-    if not z_loss >= 0.0:
-        raise ValueError(f"z_loss must be a non-negative coefficient, got {z_loss}")
-    if softcap is not None and not softcap > 0.0:
-        raise ValueError(f"softcap must be a positive number or None, got {softcap}")
+    if not 0.0 <= z_loss < math.inf:
+        raise ValueError(f"z_loss must be a finite non-negative coefficient, got {z_loss}")
+    if softcap is not None and not 0.0 < softcap < math.inf:
+        raise ValueError(f"softcap must be a finite positive number or None, got {softcap}")
 
 
 def check_logits(input: torch.Tensor) -> None:

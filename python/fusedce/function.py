@@ -3,14 +3,27 @@ ops of fusedce.ops, and adds what an op registration cannot express: the opt-in 
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import backends, ops
+from .options import accumulation_dtype
 
 
 def _check_inplace_allowed(logits: torch.Tensor) -> None:
-    if logits.is_leaf and logits.requires_grad:
-        raise RuntimeError("inplace_backward=True overwrites the logits with their gradient, which would "
-                           "make a leaf tensor alias its own .grad; use it on logits computed by the model")
+    base = logits
+    while base is not None:  # a view of a leaf shares its memory
+        if base.is_leaf and base.requires_grad:
+            raise RuntimeError("inplace_backward=True overwrites the logits with their gradient, which would "
+                               "overwrite a leaf tensor (a parameter or input); use it on logits computed by "
+                               "the model")
+        base = base._base
+    if any(stride == 0 and size > 1 for stride, size in zip(logits.stride(), logits.shape)):
+        raise RuntimeError("inplace_backward=True needs logits with their own memory per element, got an "
+                           f"expanded tensor (strides {logits.stride()})")
+
+
+_SECOND_INPLACE_BACKWARD = ("backward called twice with inplace_backward=True: the first backward handed out the "
+                            "logits' memory as their gradient; use inplace_backward=False with retain_graph")
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -40,17 +53,23 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss, lse
 
     @staticmethod
+    @once_differentiable  # the kernels' gradient is not itself differentiable: create_graph raises
     def backward(ctx, grad_loss, grad_lse):
-        saved = (ctx.logits, *ctx.saved_tensors) if ctx.inplace else ctx.saved_tensors
-        grads = ops.input_grads(ctx.needs_input_grad, saved, grad_loss, grad_lse, ctx.options, ctx.inplace)
         if ctx.inplace:
-            del ctx.logits
+            if ctx.logits is None:
+                raise RuntimeError(_SECOND_INPLACE_BACKWARD)
+            saved = (ctx.logits, *ctx.saved_tensors)
+            ctx.logits = None
+        else:
+            saved = ctx.saved_tensors
+        grads = ops.input_grads(ctx.needs_input_grad, saved, grad_loss, grad_lse, ctx.options, ctx.inplace)
         return grads + (None,) * 6
 
 
 class FusedCrossEntropyFunction(torch.autograd.Function):
     """The fused mode: a reduced ("mean" or "sum") loss whose logits' gradient is computed in the
-    forward pass, while each row is in cache (2S bytes moved instead of 3S; see DESIGN.md).
+    forward pass, while each row is in cache: the logits are read once and the gradient written once,
+    instead of one read for the forward and a read and a write for the backward.
 
     apply(logits, target, weight, denominator, options, inplace) -> loss (0-d); denominator is the
     "mean" divisor (a 0-d tensor) or None for "sum". The gradient is computed for grad_output 1 and
@@ -61,8 +80,7 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, denominator, options, inplace):
         rows = logits.shape[0]
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
-        one = torch.ones((), dtype=acc, device=logits.device)
+        one = torch.ones((), dtype=accumulation_dtype(logits.dtype), device=logits.device)
         grad_loss = (one / denominator if denominator is not None else one).expand(rows)
         if inplace:
             _check_inplace_allowed(logits)
@@ -79,6 +97,7 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
         return total / denominator if denominator is not None else total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         backend = ctx.options[-1]
         if ctx.dlogits is not None:
@@ -87,8 +106,7 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
             return dlogits, None, None, None, None, None
         logits, target, weight, lse, grad_loss = ctx.saved_tensors
         if logits is None:
-            raise RuntimeError("backward called twice with inplace_backward=True: the first backward handed out "
-                               "the logits' memory as their gradient; use inplace_backward=False with retain_graph")
+            raise RuntimeError(_SECOND_INPLACE_BACKWARD)
         dlogits = torch.ops.fusedce.cross_entropy_backward(grad_loss * grad_output, logits, target, weight, lse,
                                                            *ctx.options)
         return dlogits, None, None, None, None, None

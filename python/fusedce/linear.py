@@ -13,9 +13,11 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import backends, checks
 from .api import _mean_denominator
+from .options import accumulation_dtype
 
 # Bytes of one chunk's logits when the caller gives no chunk_size: large enough that the matmuls
 # run at full speed, small beside the [tokens, vocab] logits this replaces.
@@ -25,21 +27,25 @@ _GPU_CHUNK_BYTES = 1 << 30
 
 def auto_chunk_size(tokens: int, vocab: int, dtype: torch.dtype, device: torch.device) -> int:
     """Rows per chunk: the chunk's logits take at most a fixed budget, and on a GPU at most an eighth
-    of the free memory."""
+    of the free memory. On a GPU the result is rounded down to a power of two, so that it (and with it
+    the order of the grad_weight accumulation) changes only when free memory halves; pass chunk_size
+    for bitwise reproducible gradients whatever the memory."""
     budget = _CPU_CHUNK_BYTES
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = min(_GPU_CHUNK_BYTES, free // 8)
     row_bytes = vocab * max(torch.empty((), dtype=dtype).element_size(), 4)  # fp32 temporaries too
-    return max(1, min(tokens, budget // row_bytes))
+    rows = max(1, min(tokens, budget // row_bytes))
+    return 1 << (rows.bit_length() - 1) if device.type == "cuda" and rows < tokens else rows
 
 
 class _Grads:
     """The gradients being built chunk by chunk; None where no gradient is needed."""
 
     def __init__(self, input, weight, bias, needs_input, needs_weight, needs_bias):
-        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-        self.input = torch.empty_like(input) if needs_input else None
+        acc = accumulation_dtype(input.dtype)
+        # contiguous whatever the input's layout: the rescale kernels need unit stride along hidden
+        self.input = torch.empty(input.shape, dtype=input.dtype, device=input.device) if needs_input else None
         self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs_weight else None
         self.bias = torch.zeros(bias.shape, dtype=acc, device=bias.device) if needs_bias else None
 
@@ -81,7 +87,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, input, weight, bias, target, class_weight, denominator, reduction, options, chunk):
         tokens = input.shape[0]
         needs = ctx.needs_input_grad[:3]
-        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(input.dtype)
         ctx.save_for_backward(input, weight, bias, target, class_weight)
         ctx.options, ctx.chunk, ctx.reduction = options, chunk, reduction
         if reduction == "none" or not any(needs):
@@ -117,6 +123,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return total / denominator if denominator is not None else total
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_output):
         input, weight, bias, target, class_weight = ctx.saved_tensors
         backend = backends.get(ctx.options[-1])
@@ -193,15 +200,18 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
         checks.check_weight(class_weight.to("meta"), logits_like)
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if target.requires_grad:
+        raise ValueError("linear_cross_entropy does not differentiate with respect to the target: pass a "
+                         "target that does not require grad")
     name = backends.resolve(backend, input.device, input.dtype)
 
     soft = target.is_floating_point()
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(input.dtype)
     tgt = target.contiguous() if soft else target.to(torch.int64).contiguous()
     cw = class_weight.to(acc).contiguous() if class_weight is not None else None
     denominator = None
     if reduction == "mean":
-        denominator = (torch.tensor(float(input.shape[0]), dtype=acc, device=input.device) if soft
+        denominator = (torch.full((), input.shape[0], dtype=acc, device=input.device) if soft
                        else _mean_denominator(tgt, cw, ignore_index, acc))
     chunk = chunk_size or auto_chunk_size(input.shape[0], weight.shape[0], input.dtype, input.device)
     options = (ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0), name)

@@ -17,13 +17,41 @@ import torch
 from torch import Tensor
 
 from . import backends
-from .options import Options, accumulation_dtype
+from .options import Options, accumulation_dtype, softcapped
+
+
+def _check_op_inputs(logits: Tensor, target: Tensor, weight: Optional[Tensor], *row_tensors: Tensor) -> None:
+    """The layout the kernels read, checked here because the ops are public (the API layer builds it)."""
+    if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"logits must be a 2-D float32/float16/bfloat16/float64 tensor, got {logits.dtype} "
+                         f"{tuple(logits.shape)}")
+    rows, vocab = logits.shape
+    if logits.stride(1) != 1 and vocab > 1:
+        raise ValueError(f"logits must have unit stride along the classes, got strides {logits.stride()}")
+    if target.is_floating_point():
+        if target.shape != logits.shape or (target.stride(1) != 1 and vocab > 1):
+            raise ValueError(f"probability targets must be [{rows}, {vocab}] with unit stride along the classes, "
+                             f"got {tuple(target.shape)} with strides {target.stride()}")
+    elif target.dtype != torch.int64 or target.shape != (rows,) or not target.is_contiguous():
+        raise ValueError(f"class-index targets must be a contiguous int64 tensor of shape ({rows},), got "
+                         f"{target.dtype} {tuple(target.shape)}")
+    acc = accumulation_dtype(logits.dtype)
+    if weight is not None and (weight.shape != (vocab,) or weight.dtype != acc or not weight.is_contiguous()):
+        raise ValueError(f"weight must be a contiguous {acc} tensor of shape ({vocab},), got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    for t in row_tensors:
+        if t.shape != (rows,) or t.dtype != acc:
+            raise ValueError(f"grad_loss and lse must be {acc} tensors of shape ({rows},), got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if any(t.device != logits.device for t in (target, weight, *row_tensors) if t is not None):
+        raise ValueError("all tensors must be on the logits' device")
 
 
 @torch.library.custom_op("fusedce::cross_entropy_forward", mutates_args=())
 def cross_entropy_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                           label_smoothing: float, z_loss: float, softcap: float,
                           backend: str) -> Tuple[Tensor, Tensor]:
+    _check_op_inputs(logits, target, weight)
     opts = Options(ignore_index, label_smoothing, z_loss, softcap)
     return backends.get(backend).forward(logits, target, weight, opts)
 
@@ -43,6 +71,7 @@ def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, ba
 def cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
                            lse: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
                            softcap: float, backend: str) -> Tensor:
+    _check_op_inputs(logits, target, weight, grad_loss, lse)
     dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     opts = Options(ignore_index, label_smoothing, z_loss, softcap)
     backends.get(backend).backward(grad_loss, logits, target, weight, lse, opts, dlogits)
@@ -60,6 +89,7 @@ def cross_entropy_backward_(grad_loss: Tensor, logits: Tensor, target: Tensor, w
                             softcap: float, backend: str) -> None:
     """Like cross_entropy_backward, but the gradient overwrites `logits` (each block of a row is read
     before it is written, so the kernels may alias input and output)."""
+    _check_op_inputs(logits, target, weight, grad_loss, lse)
     opts = Options(ignore_index, label_smoothing, z_loss, softcap)
     backends.get(backend).backward(grad_loss, logits, target, weight, lse, opts, logits)
 
@@ -74,6 +104,7 @@ def cross_entropy_forward_with_grad(logits: Tensor, target: Tensor, weight: Opti
                                     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
                                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
     """The fused mode: loss, lse and the gradient of sum(grad_loss * loss) in one pass over the logits."""
+    _check_op_inputs(logits, target, weight, grad_loss)
     dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     opts = Options(ignore_index, label_smoothing, z_loss, softcap)
     loss, lse = backends.get(backend).forward(logits, target, weight, opts, grad_loss, dlogits)
@@ -91,6 +122,7 @@ def cross_entropy_forward_with_grad_(logits: Tensor, target: Tensor, weight: Opt
                                      ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
                                      backend: str) -> Tuple[Tensor, Tensor]:
     """Fused mode whose gradient overwrites the logits (each row is fully read before it is written)."""
+    _check_op_inputs(logits, target, weight, grad_loss)
     opts = Options(ignore_index, label_smoothing, z_loss, softcap)
     return backends.get(backend).forward(logits, target, weight, opts, grad_loss, logits)
 
@@ -118,31 +150,29 @@ def input_grads(needs_input_grad, saved, grad_loss, grad_lse, options, inplace: 
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
     grad_loss = grad_loss.to(acc)
-    dlogits = dtarget = None
-    if needs_input_grad[0]:
-        if inplace:
-            torch.ops.fusedce.cross_entropy_backward_(grad_loss, logits, target, weight, lse, *options)
-            dlogits = logits
-        else:
-            dlogits = torch.ops.fusedce.cross_entropy_backward(grad_loss, logits, target, weight, lse, *options)
-        if grad_lse is not None:
-            dlogits = dlogits + _lse_grad(grad_lse.to(acc), logits, lse, softcap).to(dlogits.dtype)
+    # the terms that read the logits come first: the in-place kernel overwrites them
+    dtarget = lse_term = dlogits = None
     if needs_input_grad[1]:  # class-probability targets: dloss/dq_j = -(1 - eps) w_j log p_j
-        logp = _capped(logits.to(acc), softcap) - lse[:, None]
+        logp = softcapped(logits.to(acc), softcap) - lse[:, None]
         dtarget = -(1 - label_smoothing) * grad_loss[:, None] * logp
         if weight is not None:
             dtarget = dtarget * weight.to(acc)
         dtarget = dtarget.to(target.dtype)
+    if needs_input_grad[0]:
+        if grad_lse is not None:
+            lse_term = _lse_grad(grad_lse.to(acc), logits, lse, softcap).to(logits.dtype)
+        if inplace:
+            torch.ops.fusedce.cross_entropy_backward_(grad_loss, logits, target, weight, lse, *options)
+            dlogits = logits if lse_term is None else logits.add_(lse_term)
+        else:
+            dlogits = torch.ops.fusedce.cross_entropy_backward(grad_loss, logits, target, weight, lse, *options)
+            dlogits = dlogits if lse_term is None else dlogits.add_(lse_term)
     return dlogits, dtarget, None
-
-
-def _capped(x: Tensor, softcap: float) -> Tensor:
-    return softcap * torch.tanh(x / softcap) if softcap > 0 else x
 
 
 def _lse_grad(grad_lse: Tensor, logits: Tensor, lse: Tensor, softcap: float) -> Tensor:
     """d lse / d x = softmax(x') * d x'/d x."""
-    x = _capped(logits.to(lse.dtype), softcap)
+    x = softcapped(logits.to(lse.dtype), softcap)
     d = grad_lse[:, None] * torch.exp(x - lse[:, None])
     return d * (1 - (x / softcap) ** 2) if softcap > 0 else d
 

@@ -16,3 +16,8 @@ class Options(NamedTuple):
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """Per-row loss and lse are fp32, fp64 for fp64 logits (the kernel contract)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def softcapped(x: torch.Tensor, softcap: float) -> torch.Tensor:
+    """x -> softcap * tanh(x / softcap); softcap 0 means off."""
+    return softcap * torch.tanh(x / softcap) if softcap > 0 else x

@@ -1,6 +1,10 @@
-"""Backend dispatch: which kernel family serves a tensor. Every backend module has the same two
-functions, forward(logits, target, weight, opts) -> (loss, lse) and
-backward(grad_loss, logits, target, weight, lse, opts, out) (see the kernel contract in DESIGN.md)."""
+"""Backend dispatch: which kernel family serves a tensor. Every backend module has the same functions:
+  forward(logits, target, weight, opts, grad_loss=None, dlogits=None) -> (loss, lse)
+      per-row loss and lse; with dlogits, also the gradient of sum(grad_loss * loss) (the fused mode)
+  backward(grad_loss, logits, target, weight, lse, opts, out)   writes dlogits into out (may be logits)
+  scale_(grad, scale)   grad *= scale (0-d tensor), skipped when scale is 1 without a host sync
+on logits [rows, V] with unit class stride, int64 class indices or [rows, V] probabilities, and a
+class weight in the accumulation dtype (fp32, fp64 for fp64 logits)."""
 from __future__ import annotations
 
 import importlib

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from ..options import Options, accumulation_dtype
+from ..options import Options, accumulation_dtype, softcapped
 from .. import checks
 
 _CHUNK = 8192  # vocabulary columns per step: bounds the fp32 temporaries to rows x _CHUNK
-
-
-def _capped(x: torch.Tensor, softcap: float) -> torch.Tensor:
-    return softcap * torch.tanh(x / softcap) if softcap > 0 else x
 
 
 def _coefficients(target, weight, opts: Options, vocab: int, start: int, stop: int, acc):
@@ -29,17 +25,17 @@ def _coefficients(target, weight, opts: Options, vocab: int, start: int, stop: i
 
 
 def _target_terms(logits, target, weight, opts: Options, acc):
-    """For class-index targets: (x'_t, w_t, valid row mask); rows with a bad target are NaN on devices
-    where checking would need a host sync."""
+    """For class-index targets: (x'_t, w_t, non-ignored rows, rows whose target is out of range). On
+    devices where checking would need a host sync, a bad target's loss and gradient are NaN."""
     checks.check_target_range(target, logits.shape[1], opts.ignore_index)
     valid = target != opts.ignore_index
     in_range = (target >= 0) & (target < logits.shape[1])
     safe = torch.where(in_range, target, torch.zeros_like(target))
-    xt = _capped(logits.gather(1, safe[:, None])[:, 0].to(acc), opts.softcap)
+    xt = softcapped(logits.gather(1, safe[:, None])[:, 0].to(acc), opts.softcap)
     wt = weight.to(acc)[safe] if weight is not None else torch.ones_like(xt)
     bad = valid & ~in_range
     xt = torch.where(bad, torch.full_like(xt, float("nan")), xt)
-    return xt, wt, valid
+    return xt, wt, valid, bad
 
 
 def forward(logits, target, weight, opts: Options, grad_loss=None, dlogits=None):
@@ -66,7 +62,7 @@ def _loss_and_lse(logits, target, weight, opts: Options):
     top, rest, k, cx = (torch.zeros(rows, dtype=acc, device=logits.device) for _ in range(4))
     for start in range(0, vocab, _CHUNK):
         stop = min(start + _CHUNK, vocab)
-        x = _capped(logits[:, start:stop].to(acc), opts.softcap)
+        x = softcapped(logits[:, start:stop].to(acc), opts.softcap)
         m_new = torch.maximum(m, x.amax(1))
         is_top = x == m_new[:, None]
         e = torch.exp(x - m_new[:, None])
@@ -77,14 +73,14 @@ def _loss_and_lse(logits, target, weight, opts: Options):
         top = torch.where(grew, top_blk, top + top_blk)
         c = _coefficients(target, weight, opts, vocab, start, stop, acc)
         if c is not None:  # sum c (x' - m), shifted with m as in the kernels
-            cx = torch.where(k > 0, cx - k * (m_new - m), cx) + (c * (x - m_new[:, None])).sum(1)
+            cx = torch.where(k != 0, cx - k * (m_new - m), cx) + (c * (x - m_new[:, None])).sum(1)
             k = k + c.sum(1)
         m = m_new
     log_s = torch.where(top > 0, torch.log(top) + torch.log1p(rest / top), torch.log(rest))
     lse = m + log_s
     loss = k * log_s - cx
     if not target.is_floating_point():  # lse - x_t as (m - x_t) + log s: exact where lse ~ x_t
-        xt, wt, valid = _target_terms(logits, target, weight, opts, acc)
+        xt, wt, valid, _ = _target_terms(logits, target, weight, opts, acc)
         loss = loss + (1 - opts.label_smoothing) * wt * ((m - xt) + log_s)
     loss = loss + opts.z_loss * lse * lse
     if not target.is_floating_point():
@@ -103,7 +99,8 @@ def _gradient(grad_loss, logits, target, weight, opts: Options, out, lse, stats=
     g = grad_loss.to(acc)
     index = not target.is_floating_point()
     if index:
-        _, wt, valid = _target_terms(logits, target, weight, opts, acc)
+        _, wt, valid, bad = _target_terms(logits, target, weight, opts, acc)
+        g = torch.where(bad, torch.full_like(g, float("nan")), g)  # a bad target's row: NaN, as its loss
         w_sum = weight.to(acc).sum() if weight is not None else vocab
         k = (1 - opts.label_smoothing) * wt + opts.label_smoothing / vocab * w_sum
     else:
@@ -112,7 +109,7 @@ def _gradient(grad_loss, logits, target, weight, opts: Options, out, lse, stats=
     coef = (k + 2 * opts.z_loss * lse)[:, None]
     for start in range(0, vocab, _CHUNK):
         stop = min(start + _CHUNK, vocab)
-        x = _capped(logits[:, start:stop].to(acc), opts.softcap)
+        x = softcapped(logits[:, start:stop].to(acc), opts.softcap)
         delta = (x - stats[0][:, None]) - stats[1][:, None] if stats else x - lse[:, None]  # x' - lse
         p = torch.exp(delta)
         d = p * coef
