@@ -258,9 +258,10 @@ inline Acc log_top_plus_rest(Acc n, Acc r) {
   return n > 0 ? std::log(n) + std::log1p(r / n) : std::log(r);
 }
 
-template <typename Acc>
+// after_block() runs after each block (the fused mode advances the previous row's gradient there).
+template <typename Acc, typename AfterBlock>
 RowStats<Acc> forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int64_t row, Acc* xbuf, Acc* cbuf,
-                          RowCache<Acc>* cache) {
+                          RowCache<Acc>* cache, const AfterBlock& after_block) {
   using V = typename Vec<Acc>::V;
   const int lanes = Vec<Acc>::kLanes;
   const int64_t t = a.target_index ? a.target_index[row] : -1;
@@ -317,6 +318,7 @@ RowStats<Acc> forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int6
       top += horizontal_sum<Acc>(vtop);
     }
     m = m_new;
+    after_block();
   }
   // lse - x_t as (m - x_t) + log s: exact for the confident predictions where lse ~ x_t
   const Acc log_s = log_top_plus_rest(top, rest), lse = m + log_s;
@@ -334,90 +336,126 @@ RowStats<Acc> forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int6
   return {m, log_s};
 }
 
-// ---- backward: dlogits of one row ---------------------------------------------------------------
+// ---- backward: dlogits of one row, a block at a time -------------------------------------------
 
+// The gradient pass of one row, prepared once and then run a block at a time, so that the fused mode
+// can interleave it with the next row's forward pass (reads and writes of memory then overlap).
 // cache and stats come from the fused forward of the same row; without them p = exp(x' - lse).
 template <typename Acc>
-void backward_row(const CrossEntropyArgs& a, const BackwardIO& io, int64_t row, Acc* xbuf, Acc* cbuf,
-                  const RowCache<Acc>* cache, const RowStats<Acc>* stats) {
+struct GradRow {
+  const CrossEntropyArgs* a;
+  const BackwardIO* io;
+  RowContext<Acc> ctx;
+  const RowCache<Acc>* cache;
+  RowStats<Acc> stats;
+  bool has_stats, ignored;
+  Acc g, lse, keep, wt, coef;
+  void* drow;
+};
+
+template <typename Acc>
+GradRow<Acc> prepare_grad_row(const CrossEntropyArgs& a, const BackwardIO& io, int64_t row, Acc* cbuf,
+                              const RowCache<Acc>* cache, const RowStats<Acc>* stats) {
   using V = typename Vec<Acc>::V;
   const int lanes = Vec<Acc>::kLanes;
   const int64_t t = a.target_index ? a.target_index[row] : -1;
   const bool has_c = !a.target_index || a.label_smoothing > 0;
-  const RowContext<Acc> ctx{a, row, t, has_c, Acc(a.label_smoothing / double(a.vocab))};
-  void* drow = static_cast<char*>(io.dlogits) + row * io.dlogits_row_stride * element_size(a.dtype);
-
-  if (a.target_index && t == a.ignore_index) {
-    std::fill(cbuf, cbuf + kBlock, Acc(0));
-    for (int64_t begin = 0; begin < a.vocab; begin += kBlock)
-      store_block(offset(drow, a.dtype, begin), a.dtype, std::min(kBlock, a.vocab - begin), cbuf, io.streaming);
-    return;
-  }
-  const Acc g = static_cast<const Acc*>(io.grad_loss)[row * io.grad_stride];
-  const Acc lse = static_cast<const Acc*>(io.lse)[row];
-  const Acc keep = Acc(1 - a.label_smoothing);
-  Acc wt = 0, k = 0;  // k = sum c
+  GradRow<Acc> s{&a, &io, RowContext<Acc>{a, row, t, has_c, Acc(a.label_smoothing / double(a.vocab))}, cache,
+                 stats ? *stats : RowStats<Acc>{}, stats != nullptr, a.target_index && t == a.ignore_index,
+                 static_cast<const Acc*>(io.grad_loss)[row * io.grad_stride], static_cast<const Acc*>(io.lse)[row],
+                 Acc(1 - a.label_smoothing), Acc(0), Acc(0),
+                 static_cast<char*>(io.dlogits) + row * io.dlogits_row_stride * element_size(a.dtype)};
+  if (s.ignored) return s;
+  Acc k = 0;  // sum c
   if (t >= 0) {
-    wt = a.weight ? static_cast<const Acc*>(a.weight)[t] : Acc(1);
-    k = keep * wt + ctx.smooth * Acc(a.weight_sum);
+    s.wt = a.weight ? static_cast<const Acc*>(a.weight)[t] : Acc(1);
+    k = s.keep * s.wt + s.ctx.smooth * Acc(a.weight_sum);
   } else {  // probabilities: one extra pass over the targets for k
     for (int64_t begin = 0; begin < a.vocab; begin += kBlock) {
       const int64_t n = std::min(kBlock, a.vocab - begin);
-      load_coef_block(ctx, begin, n, cbuf);
+      load_coef_block(s.ctx, begin, n, cbuf);
       V vk = {};
       for (int64_t i = 0; i < padded(n, lanes); i += lanes) vk += load_vec(cbuf + i);
       k += horizontal_sum<Acc>(vk);
     }
   }
-  const Acc coef = k + Acc(2 * a.z_loss) * lse, coef_g = coef * g;  // dloss/dx'_j = g (p_j coef - c_j)
-  const Acc cap = Acc(a.softcap);
-  for (int64_t begin = 0; begin < a.vocab; begin += kBlock) {
-    const int64_t n = std::min(kBlock, a.vocab - begin), np = padded(n, lanes);
-    const Acc* x;
-    if (cache) {
-      x = cache->x.data() + begin;  // read only with a softcap, which always fills the cache
-      const Acc* e = cache->e.data() + begin;
-      // p = e exp(m_b - lse), with m_b - lse = (m_b - m) - log s
-      const Acc scale = std::exp((cache->m[begin / kBlock] - stats->m) - stats->log_s) * coef_g;
-      for (int64_t i = 0; i < np; i += lanes) store_vec(cbuf + i, load_vec(e + i) * scale);
-    } else {
-      x = load_logits_block(ctx, begin, n, xbuf);
-      for (int64_t i = 0; i < np; i += lanes) store_vec(cbuf + i, Vec<Acc>::exp(load_vec(x + i) - lse) * coef_g);
-    }
-    if (has_c) {  // cbuf holds g p coef; subtract g c
-      alignas(64) Acc c[kBlock];
-      load_coef_block(ctx, begin, n, c);
-      for (int64_t i = 0; i < np; i += lanes) store_vec(cbuf + i, load_vec(cbuf + i) - load_vec(c + i) * g);
-    }
-    if (t >= begin && t < begin + n) {
-      // the target's (1-eps) w_t (p_t - 1) with expm1: p_t ~ 1 for a confident prediction
-      const Acc x_t = capped_logit<Acc>(a, row, t);
-      const Acc delta = stats ? (x_t - stats->m) - stats->log_s : x_t - lse;  // x'_t - lse
-      const Acc c_t = has_c ? ctx.smooth * (a.weight ? static_cast<const Acc*>(a.weight)[t] : Acc(1)) : Acc(0);
-      cbuf[t - begin] = g * (keep * wt * std::expm1(delta) + std::exp(delta) * (coef - keep * wt) - c_t);
-    }
-    if (cap > 0) {
-      const Acc inv = Acc(1) / cap;
-      for (int64_t i = 0; i < np; i += lanes) {
-        V y = load_vec(x + i) * inv;
-        store_vec(cbuf + i, load_vec(cbuf + i) * (Acc(1) - y * y));
-      }
-    }
-    store_block(offset(drow, a.dtype, begin), a.dtype, n, cbuf, io.streaming);
-  }
+  s.coef = k + Acc(2 * a.z_loss) * s.lse;  // dloss/dx'_j = g (p_j coef - c_j)
+  return s;
 }
 
-// Entry points called by dispatch.cpp, one thread's share of the rows at a time. With `grad`, the
-// forward also writes dlogits while the row is still in cache (the fused mode: 2S bytes, not 3S).
+template <typename Acc>
+void grad_block(const GradRow<Acc>& s, int64_t begin, Acc* xbuf, Acc* cbuf) {
+  using V = typename Vec<Acc>::V;
+  const int lanes = Vec<Acc>::kLanes;
+  const CrossEntropyArgs& a = *s.a;
+  const int64_t n = std::min(kBlock, a.vocab - begin), np = padded(n, lanes), t = s.ctx.t;
+  if (s.ignored) {
+    std::fill(cbuf, cbuf + n, Acc(0));
+    return store_block(offset(s.drow, a.dtype, begin), a.dtype, n, cbuf, s.io->streaming);
+  }
+  const Acc coef_g = s.coef * s.g;
+  const Acc* x;
+  if (s.cache) {
+    x = s.cache->x.data() + begin;  // read only with a softcap, which always fills the cache
+    const Acc* e = s.cache->e.data() + begin;
+    // p = e exp(m_b - lse), with m_b - lse = (m_b - m) - log s
+    const Acc scale = std::exp((s.cache->m[begin / kBlock] - s.stats.m) - s.stats.log_s) * coef_g;
+    for (int64_t i = 0; i < np; i += lanes) store_vec(cbuf + i, load_vec(e + i) * scale);
+  } else {
+    x = load_logits_block(s.ctx, begin, n, xbuf);
+    for (int64_t i = 0; i < np; i += lanes) store_vec(cbuf + i, Vec<Acc>::exp(load_vec(x + i) - s.lse) * coef_g);
+  }
+  if (s.ctx.has_c) {  // cbuf holds g p coef; subtract g c
+    alignas(64) Acc c[kBlock];
+    load_coef_block(s.ctx, begin, n, c);
+    for (int64_t i = 0; i < np; i += lanes) store_vec(cbuf + i, load_vec(cbuf + i) - load_vec(c + i) * s.g);
+  }
+  if (t >= begin && t < begin + n) {
+    // the target's (1-eps) w_t (p_t - 1) with expm1: p_t ~ 1 for a confident prediction
+    const Acc x_t = capped_logit<Acc>(a, s.ctx.row, t);
+    const Acc delta = s.has_stats ? (x_t - s.stats.m) - s.stats.log_s : x_t - s.lse;  // x'_t - lse
+    const Acc w_t = a.weight ? static_cast<const Acc*>(a.weight)[t] : Acc(1);
+    const Acc c_t = s.ctx.has_c ? s.ctx.smooth * w_t : Acc(0);
+    cbuf[t - begin] = s.g * (s.keep * s.wt * std::expm1(delta) + std::exp(delta) * (s.coef - s.keep * s.wt) - c_t);
+  }
+  if (a.softcap > 0) {
+    const Acc inv = Acc(1) / Acc(a.softcap);
+    for (int64_t i = 0; i < np; i += lanes) {
+      V y = load_vec(x + i) * inv;
+      store_vec(cbuf + i, load_vec(cbuf + i) * (Acc(1) - y * y));
+    }
+  }
+  store_block(offset(s.drow, a.dtype, begin), a.dtype, n, cbuf, s.io->streaming);
+}
+
+// Entry points called by dispatch.cpp, one thread's share of the rows at a time. With `grad` (the
+// fused mode), the gradient of row r is written from its cache while row r + 1 is read, one block of
+// each in turn: the row is read from memory once, and reading and writing overlap.
 template <typename Acc>
 void forward_rows_acc(const CrossEntropyArgs& a, const ForwardOut& out, const BackwardIO* grad, int64_t begin,
                       int64_t end) {
-  alignas(64) Acc x[kBlock], c[kBlock];
-  std::unique_ptr<RowCache<Acc>> cache(grad ? new RowCache<Acc>(a.vocab) : nullptr);
-  for (int64_t r = begin; r < end; ++r) {
-    const RowStats<Acc> stats = forward_row<Acc>(a, out, r, x, c, cache.get());
-    if (grad) backward_row<Acc>(a, *grad, r, x, c, cache.get(), &stats);
+  alignas(64) Acc x[kBlock], c[kBlock], gx[kBlock], gc[kBlock];
+  if (!grad) {
+    for (int64_t r = begin; r < end; ++r) forward_row<Acc>(a, out, r, x, c, nullptr, [] {});
+    return;
   }
+  RowCache<Acc> caches[2] = {RowCache<Acc>(a.vocab), RowCache<Acc>(a.vocab)};
+  std::optional<GradRow<Acc>> pending;
+  int64_t pending_next = a.vocab;  // the next block of the pending row's gradient; vocab = none left
+  const auto step = [&] {
+    if (pending_next < a.vocab) {
+      grad_block(*pending, pending_next, gx, gc);
+      pending_next += kBlock;
+    }
+  };
+  for (int64_t r = begin; r < end; ++r) {
+    RowCache<Acc>& cache = caches[r & 1];
+    const RowStats<Acc> stats = forward_row<Acc>(a, out, r, x, c, &cache, step);
+    while (pending_next < a.vocab) step();
+    pending.emplace(prepare_grad_row<Acc>(a, *grad, r, gc, &cache, &stats));
+    pending_next = 0;
+  }
+  while (pending_next < a.vocab) step();
 }
 
 inline void forward_rows(const CrossEntropyArgs& a, const ForwardOut& out, const BackwardIO* grad, int64_t begin,
@@ -428,14 +466,20 @@ inline void forward_rows(const CrossEntropyArgs& a, const ForwardOut& out, const
     forward_rows_acc<float>(a, out, grad, begin, end);
 }
 
-inline void backward_rows(const CrossEntropyArgs& a, const BackwardIO& io, int64_t begin, int64_t end) {
-  if (a.dtype == kFloat64) {
-    alignas(64) double x[kBlock], c[kBlock];
-    for (int64_t r = begin; r < end; ++r) backward_row<double>(a, io, r, x, c, nullptr, nullptr);
-  } else {
-    alignas(64) float x[kBlock], c[kBlock];
-    for (int64_t r = begin; r < end; ++r) backward_row<float>(a, io, r, x, c, nullptr, nullptr);
+template <typename Acc>
+void backward_rows_acc(const CrossEntropyArgs& a, const BackwardIO& io, int64_t begin, int64_t end) {
+  alignas(64) Acc x[kBlock], c[kBlock];
+  for (int64_t r = begin; r < end; ++r) {
+    const GradRow<Acc> s = prepare_grad_row<Acc>(a, io, r, c, nullptr, nullptr);
+    for (int64_t b = 0; b < a.vocab; b += kBlock) grad_block(s, b, x, c);
   }
+}
+
+inline void backward_rows(const CrossEntropyArgs& a, const BackwardIO& io, int64_t begin, int64_t end) {
+  if (a.dtype == kFloat64)
+    backward_rows_acc<double>(a, io, begin, end);
+  else
+    backward_rows_acc<float>(a, io, begin, end);
 }
 
 }  // namespace isa_<FUSEDCE_ISA>
