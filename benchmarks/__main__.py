@@ -138,18 +138,21 @@ def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, pro
             skipped.append({"provider": name, "reason": f"out of memory at {label}"})
             continue
         setup, run = copies[0]
+        loss = None
         if i in checked_apart:  # running it here would slow the providers measured after it
             ok, problem = checked_apart[i]
         else:
             setup()
-            ok, problem = suite.check(op, run(), inputs[0])
+            out = run()
+            ok, problem = suite.check(op, out, inputs[0])
+            loss = None if op == "bwd" else float(out if op == "fwd" else out[0])
         peak = None
         if memory:
             peak = (measure.peak_memory_gpu(copies[0]) if device == "cuda"
                     else measure.peak_memory_cpu(suite.name, name, op, shape, dtype))
         record = {"provider": name, "op": op, "shape": list(shape), "dtype": str(dtype)[6:], "ms": ms,
                   "gbps": suite.traffic_bytes(op, shape, dtype) / (ms * 1e-3) / 1e9, "peak_mem_bytes": peak,
-                  "logits_bytes": size, "correct": ok, "problem": problem}
+                  "logits_bytes": size, "loss": loss, "correct": ok, "problem": problem}
         if suite.flops(op, shape):
             record["tflops"] = suite.flops(op, shape) / (ms * 1e-3) / 1e12
         records.append(record)

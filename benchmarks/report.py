@@ -13,7 +13,7 @@ def table(result: Dict) -> str:
     baselines = result["baselines"]
     lines = [f"device: {result['device']}   torch {result['torch']}   triton {result['triton']}   "
              f"copy bandwidth {copy:.1f} GB/s   commit {result['commit'][:10]}",
-             f"{'shape':>18} {'dtype':>9} {'op':>8} {'provider':>15} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
+             f"{'shape':>18} {'dtype':>9} {'op':>8} {'provider':>15} {'loss':>9} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
              f"{'peak MiB':>9} " + " ".join(f"{'vs ' + b:>15}" for b in baselines)
              + f" {'mem vs ' + baselines[0]:>18}  check"]
     by_key = {(tuple(r["shape"]), r["dtype"], r["op"], r["provider"]): r for r in result["records"]}
@@ -29,7 +29,8 @@ def table(result: Dict) -> str:
                and base.get("peak_mem_bytes") else "-")
         peak = f"{r['peak_mem_bytes'] / 2**20:.1f}" if r.get("peak_mem_bytes") is not None else "-"
         shape = "x".join(str(v) for v in r["shape"])
-        lines.append(f"{shape:>18} {r['dtype']:>9} {r['op']:>8} {r['provider']:>15} {r['ms']:>9.3f} {r['gbps']:>8.1f} "
+        loss = f"{r['loss']:.5f}" if r.get("loss") is not None else "-"
+        lines.append(f"{shape:>18} {r['dtype']:>9} {r['op']:>8} {r['provider']:>15} {loss:>9} {r['ms']:>9.3f} {r['gbps']:>8.1f} "
                      f"{100 * r['gbps'] / copy:>5.0f}% {peak:>9} " + " ".join(f"{x:>15}" for x in ratios)
                      + f" {mem:>18}  {'ok' if r['correct'] else 'WRONG: ' + r['problem']}")
     for s in result["skipped"]:
