@@ -117,34 +117,51 @@ def time_cpu_isolated(suite: str, provider: str, op: str, shape, dtype: torch.dt
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 3e-3}
 
 
+def _reference_chunk(logits64: torch.Tensor, target: torch.Tensor, rows: int, with_grad: bool):
+    """Summed loss of a chunk of float64 logits, and its dlogits for the "mean" over `rows` rows."""
+    loss_sum = (torch.logsumexp(logits64, 1) - logits64.gather(1, target[:, None])[:, 0]).sum()
+    if not with_grad:
+        return loss_sum, None
+    d = torch.softmax(logits64, 1)
+    d[torch.arange(len(target), device=d.device), target] -= 1
+    return loss_sum, d.div_(rows)
+
+
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Largest deviation as a fraction of the reference's largest magnitude."""
+    return ((actual.double() - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def _verdict(loss, total, rows: int, grad_error, tol: float) -> Tuple[bool, str]:
+    problems = []
+    if loss is not None:
+        ref = (total / rows).item()
+        rel = abs(loss.double().item() - ref) / max(abs(ref), 1e-30)
+        if not rel <= tol:
+            problems.append(f"loss {loss.item():.6g} vs {ref:.6g} (off by {rel:.1e}, relative)")
+    if grad_error is not None and not grad_error <= tol:
+        problems.append(f"gradient off by {grad_error:.1e} of its largest element")
+    return not problems, "; ".join(problems)
+
+
+def _chunk_rows(vocab: int) -> int:
+    return max(1, (256 << 20) // (8 * vocab))  # 256 MiB of float64 logits at a time
+
+
 def check_against_float64(op: str, result, logits: torch.Tensor, target: torch.Tensor) -> Tuple[bool, str]:
     """Compares a provider's loss and/or gradient ("mean" reduction) with float64, a chunk of rows at a
     time so the reference never holds the whole problem in float64."""
     loss, grad = (result, None) if op == "fwd" else (None, result) if op == "bwd" else result
     rows, vocab = logits.shape
-    chunk = max(1, (256 << 20) // (8 * vocab))
     total = torch.zeros((), dtype=torch.float64, device=logits.device)
-    worst_grad = 0.0
-    for start in range(0, rows, chunk):
-        x = logits[start:start + chunk].double()
-        t = target[start:start + chunk]
-        lse = torch.logsumexp(x, 1)
-        total += (lse - x.gather(1, t[:, None])[:, 0]).sum()
-        if grad is not None:
-            ref = torch.softmax(x, 1)
-            ref[torch.arange(len(t), device=x.device), t] -= 1
-            ref /= rows
-            scale = ref.abs().max().clamp_min(1e-30)
-            worst_grad = max(worst_grad, ((grad[start:start + chunk].double() - ref).abs().max() / scale).item())
-    tol = TOLERANCE[logits.dtype]
-    problems = []
-    if loss is not None:
-        rel = abs(loss.double().item() - (total / rows).item()) / max(abs((total / rows).item()), 1e-30)
-        if not rel <= tol:
-            problems.append(f"loss off by {rel:.1e} (relative)")
-    if grad is not None and not worst_grad <= tol:
-        problems.append(f"gradient off by {worst_grad:.1e} of its largest element")
-    return not problems, "; ".join(problems)
+    worst = 0.0
+    for start in range(0, rows, _chunk_rows(vocab)):
+        stop = start + _chunk_rows(vocab)
+        loss_sum, ref = _reference_chunk(logits[start:stop].double(), target[start:stop], rows, grad is not None)
+        total += loss_sum
+        if ref is not None:
+            worst = max(worst, _relative_error(grad[start:stop], ref))
+    return _verdict(loss, total, rows, worst if grad is not None else None, TOLERANCE[logits.dtype])
 
 
 def check_linear_against_float64(op: str, result, x: torch.Tensor, w: torch.Tensor,
@@ -154,30 +171,16 @@ def check_linear_against_float64(op: str, result, x: torch.Tensor, w: torch.Tens
     loss, grads = (result, None) if op == "fwd" else result
     tokens, vocab = x.shape[0], w.shape[0]
     w64 = w.double()
-    chunk = max(1, (256 << 20) // (8 * vocab))
     total = torch.zeros((), dtype=torch.float64, device=x.device)
     grad_w = torch.zeros_like(w64) if grads is not None else None
     worst_x = 0.0
-    for start in range(0, tokens, chunk):
-        xc, t = x[start:start + chunk].double(), target[start:start + chunk]
-        logits = xc @ w64.t()
-        lse = torch.logsumexp(logits, 1)
-        total += (lse - logits.gather(1, t[:, None])[:, 0]).sum()
-        if grads is not None:
-            d = torch.softmax(logits, 1)
-            d[torch.arange(len(t), device=x.device), t] -= 1
-            d /= tokens
-            ref_x = d @ w64
-            err = (grads[0][start:start + chunk].double() - ref_x).abs().max() / ref_x.abs().max().clamp_min(1e-30)
-            worst_x = max(worst_x, err.item())
+    for start in range(0, tokens, _chunk_rows(vocab)):
+        stop = start + _chunk_rows(vocab)
+        xc = x[start:stop].double()
+        loss_sum, d = _reference_chunk(xc @ w64.t(), target[start:stop], tokens, grads is not None)
+        total += loss_sum
+        if d is not None:
+            worst_x = max(worst_x, _relative_error(grads[0][start:stop], d @ w64))
             grad_w += d.t() @ xc
-    tol = TOLERANCE[x.dtype]
-    problems = []
-    ref_loss = (total / tokens).item()
-    if abs(loss.double().item() - ref_loss) > tol * abs(ref_loss):
-        problems.append(f"loss {loss.item():.6g} vs {ref_loss:.6g}")
-    if grads is not None:
-        err_w = ((grads[1].double() - grad_w).abs().max() / grad_w.abs().max().clamp_min(1e-30)).item()
-        if not (worst_x <= tol and err_w <= tol):
-            problems.append(f"gradients off by {max(worst_x, err_w):.1e} of their largest element")
-    return not problems, "; ".join(problems)
+    grad_error = max(worst_x, _relative_error(grads[1], grad_w)) if grads is not None else None
+    return _verdict(loss, total, tokens, grad_error, TOLERANCE[x.dtype])
