@@ -115,7 +115,7 @@ def _liger_linear_loss():
 def linear_providers(device: str) -> Dict[str, object]:
     dev = torch.device(device)
     out: Dict[str, object] = {}
-    for backend in ("cpu", "triton", "torch"):
+    for backend in ("cpu", "cuda", "triton", "torch"):
         try:
             backends.resolve(backend, dev)
             out[f"fusedce-{backend}"] = Provider(

@@ -14,13 +14,29 @@ import time
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("fusedce", "torch", "unfused")
+BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
+
+
+def losses(device: str) -> list:
+    """fusedce-<backend> for each fusedce backend that can serve the device, then torch and unfused."""
+    from fusedce import backends
+    names = []
+    for backend in BACKENDS[device]:
+        try:
+            backends.resolve(backend, torch.device(device))
+            names.append(f"fusedce-{backend}")
+        except RuntimeError as e:
+            print(f"fusedce-{backend}: skipped ({e})")
+    return names + ["torch", "unfused"]
 
 
 def one_provider(name: str, device: str, shape: str, dtype: str, calls: int) -> float:
     import fusedce
-    loss_fn = {"fusedce": fusedce.cross_entropy, "torch": F.cross_entropy,
-               "unfused": fusedce.unfused_cross_entropy}[name]
+    if name.startswith("fusedce-"):
+        def loss_fn(x, t):
+            return fusedce.cross_entropy(x, t, backend=name[len("fusedce-"):])
+    else:
+        loss_fn = {"torch": F.cross_entropy, "unfused": fusedce.unfused_cross_entropy}[name]
     rows, vocab = (int(v) for v in shape.split("x"))
     x = torch.randn(rows, vocab, device=device, dtype=getattr(torch, dtype)).mul_(2).requires_grad_()
     t = torch.randint(0, vocab, (rows,), device=device)
@@ -47,17 +63,17 @@ def main() -> None:
     p.add_argument("--shape", default="4096x32000")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--calls", type=int, default=8)
-    p.add_argument("--only", choices=LOSSES, help=argparse.SUPPRESS)  # the child process
+    p.add_argument("--only", help=argparse.SUPPRESS)  # the child process
     args = p.parse_args()
     if args.only:
         print(one_provider(args.only, args.device, args.shape, args.dtype, args.calls))
         return
-    for name in LOSSES:
+    for name in losses(args.device):
         out = subprocess.run([sys.executable, "-m", "benchmarks.quickcheck", "--only", name, "--device", args.device,
                               "--shape", args.shape, "--dtype", args.dtype, "--calls", str(args.calls)],
                              capture_output=True, text=True, check=True,
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        print(f"{name:>8} forward+backward {args.shape} {args.dtype} on {args.device}: "
+        print(f"{name:>14} forward+backward {args.shape} {args.dtype} on {args.device}: "
               f"{float(out.stdout.strip().splitlines()[-1]):.1f} ms (median of {args.calls})")
 
 

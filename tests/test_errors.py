@@ -116,3 +116,10 @@ def test_ops_check_the_layout_they_read(data):
                                                                             device=logits.device), *options)
     with pytest.raises(ValueError, match="logits must have unit stride along the classes"):
         torch.ops.fusedce.cross_entropy_forward(logits.t().contiguous().t(), target, None, *options)
+    with pytest.raises(ValueError, match="logits must have at least one class"):
+        torch.ops.fusedce.cross_entropy_forward(logits[:, :0], target, None, *options)
+    rows = logits.shape[0]
+    strided_lse = torch.zeros(rows, 2, device=logits.device)[:, 0]
+    with pytest.raises(ValueError, match="lse must be contiguous"):
+        torch.ops.fusedce.cross_entropy_backward(torch.ones(rows, device=logits.device), logits, target, None,
+                                                 strided_lse, *options)

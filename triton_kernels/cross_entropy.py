@@ -87,6 +87,9 @@ def cross_entropy_kernel(
         ignored = t == ignore_index
         bad_target = (t != ignore_index) & ((t < 0) | (t >= V))  # NaN instead of a host-synchronising check
         t = tl.where(ignored | bad_target, 0, t)
+        # read before the first reduction: in place, another warp may store the target's gradient as
+        # soon as it has passed the last one
+        x_t = tl.load(logits_row + t).to(tl.float32)
 
     k = 0.0  # sum_j c_j
     if FORWARD:
@@ -118,7 +121,7 @@ def cross_entropy_kernel(
         lse = m + log_s
         loss = k * log_s - cx
         if not SOFT:  # lse - x_t as (m - x_t) + log s: exact for confident predictions where lse ~ x_t
-            x_t = _capped(tl.load(logits_row + t).to(tl.float32), softcap, HAS_SOFTCAP)
+            x_t = _capped(x_t, softcap, HAS_SOFTCAP)
             w_t = tl.load(weight_ptr + t).to(tl.float32) if HAS_WEIGHT else 1.0
             loss += (1.0 - label_smoothing) * w_t * ((m - x_t) + log_s)
         loss += z_loss * lse * lse

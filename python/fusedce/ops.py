@@ -20,12 +20,15 @@ from . import backends
 from .options import Options, accumulation_dtype, softcapped
 
 
-def _check_op_inputs(logits: Tensor, target: Tensor, weight: Optional[Tensor], *row_tensors: Tensor) -> None:
+def _check_op_inputs(logits: Tensor, target: Tensor, weight: Optional[Tensor], *row_tensors: Tensor,
+                     lse: Optional[Tensor] = None) -> None:
     """The layout the kernels read, checked here because the ops are public (the API layer builds it)."""
     if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise ValueError(f"logits must be a 2-D float32/float16/bfloat16/float64 tensor, got {logits.dtype} "
                          f"{tuple(logits.shape)}")
     rows, vocab = logits.shape
+    if vocab == 0:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
     if logits.stride(1) != 1 and vocab > 1:
         raise ValueError(f"logits must have unit stride along the classes, got strides {logits.stride()}")
     if target.is_floating_point():
@@ -43,6 +46,8 @@ def _check_op_inputs(logits: Tensor, target: Tensor, weight: Optional[Tensor], *
         if t.shape != (rows,) or t.dtype != acc:
             raise ValueError(f"grad_loss and lse must be {acc} tensors of shape ({rows},), got {t.dtype} "
                              f"{tuple(t.shape)}")
+    if lse is not None and not lse.is_contiguous():  # grad_loss may have any stride, lse is read densely
+        raise ValueError(f"lse must be contiguous, got strides {lse.stride()}")
     if any(t.device != logits.device for t in (target, weight, *row_tensors) if t is not None):
         raise ValueError("all tensors must be on the logits' device")
 
@@ -71,7 +76,7 @@ def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, ba
 def cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
                            lse: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
                            softcap: float, backend: str) -> Tensor:
-    _check_op_inputs(logits, target, weight, grad_loss, lse)
+    _check_op_inputs(logits, target, weight, grad_loss, lse, lse=lse)
     dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     opts = Options(ignore_index, label_smoothing, z_loss, softcap)
     backends.get(backend).backward(grad_loss, logits, target, weight, lse, opts, dlogits)
@@ -89,7 +94,7 @@ def cross_entropy_backward_(grad_loss: Tensor, logits: Tensor, target: Tensor, w
                             softcap: float, backend: str) -> None:
     """Like cross_entropy_backward, but the gradient overwrites `logits` (each block of a row is read
     before it is written, so the kernels may alias input and output)."""
-    _check_op_inputs(logits, target, weight, grad_loss, lse)
+    _check_op_inputs(logits, target, weight, grad_loss, lse, lse=lse)
     opts = Options(ignore_index, label_smoothing, z_loss, softcap)
     backends.get(backend).backward(grad_loss, logits, target, weight, lse, opts, logits)
 

@@ -6,12 +6,8 @@ import torch
 
 from .. import checks
 from ..options import Options
+from . import device_weight_sum
 from ..triton_kernels import cross_entropy as kernels
-
-
-def _weight_sum(target, weight):
-    # a device tensor, read by the kernel: passing a Python float would sync the host
-    return weight.sum() if weight is not None and not target.is_floating_point() else None
 
 
 def forward(logits, target, weight, opts: Options, grad_loss=None, dlogits=None):
@@ -20,14 +16,14 @@ def forward(logits, target, weight, opts: Options, grad_loss=None, dlogits=None)
     rows = logits.shape[0]
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    kernels.cross_entropy(logits, target, weight, _weight_sum(target, weight), opts, forward=True,
+    kernels.cross_entropy(logits, target, weight, device_weight_sum(target, weight), opts, forward=True,
                           grad_loss=None if grad_loss is None else grad_loss.float(), lse=lse, loss=loss,
                           dlogits=dlogits)
     return loss, lse
 
 
 def backward(grad_loss, logits, target, weight, lse, opts: Options, out: torch.Tensor) -> None:
-    kernels.cross_entropy(logits, target, weight, _weight_sum(target, weight), opts, forward=False,
+    kernels.cross_entropy(logits, target, weight, device_weight_sum(target, weight), opts, forward=False,
                           grad_loss=grad_loss.float(), lse=lse, dlogits=out)
 
 

@@ -1,0 +1,137 @@
+// Host side of the CUDA kernels: makes the tensors' device current, picks the kernels for the dtype
+// and the options, launches them on the caller's stream and turns every CUDA error into an exception
+// (RuntimeError in Python). No allocation and no synchronisation, so the calls can be captured in a
+// CUDA graph; the split-row workspace comes from the caller.
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "kernels.cuh"
+
+namespace fusedce {
+namespace cuda {
+
+FUSEDCE_DECLARE(float)
+FUSEDCE_DECLARE(__half)
+FUSEDCE_DECLARE(__nv_bfloat16)
+
+namespace {
+
+void check(cudaError_t status, const char* what) {
+  if (status != cudaSuccess)
+    throw std::runtime_error(std::string("fusedce CUDA kernels: ") + what + " failed: " + cudaGetErrorName(status) +
+                             ": " + cudaGetErrorString(status));
+}
+
+// Makes `device` current for the call, as torch's device guard does, and restores the caller's device.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ == device)
+      previous_ = -1;
+    else
+      check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    if (previous_ >= 0) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = -1;
+};
+
+template <typename Fn>
+void by_dtype(int dtype, Fn&& fn) {
+  switch (dtype) {
+    case kFloat32: return fn(float());
+    case kFloat16: return fn(__half());
+    case kBFloat16: return fn(__nv_bfloat16());
+    default: throw std::invalid_argument("fusedce CUDA kernels: unsupported dtype code " + std::to_string(dtype));
+  }
+}
+
+// The kernels without the code of the rarer options serve the common case (see RowMath).
+bool is_general(const Params& p) {
+  return p.target_prob != nullptr || p.weight != nullptr || p.label_smoothing > 0 || p.softcap > 0;
+}
+
+int element_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
+
+void check_launch(const Params& p, const Launch& l, bool forward, bool fused) {
+  const bool threads_ok = l.threads >= 32 && l.threads <= 1024 && l.threads % 32 == 0;
+  const bool layout_ok = l.layout == kWarpPerRow || l.layout == kBlockPerRow ||
+                         (l.layout == kBlockPerRowCached && fused && !is_general(p) && l.vectorized &&
+                          l.splits == 1 && p.vocab <= int64_t(kCachePacks) * l.threads * (16 / element_size(p.dtype)));
+  // the forward merges the segments' states in the workspace; the backward's segments are independent
+  const bool splits_ok = l.splits == 1 || (l.layout == kBlockPerRow && l.splits <= 65535 &&
+                                           (p.workspace || !forward) && p.target_prob == nullptr);
+  // 32-bit column indices, with room for a grid's worth of threads past the end
+  if (p.vocab >= (int64_t(1) << 30))
+    throw std::invalid_argument("fusedce CUDA kernels: " + std::to_string(p.vocab) +
+                                " classes; at most 2^30 - 1 are supported");
+  if (!threads_ok || !layout_ok || !splits_ok || l.blocks < 1 || l.blocks > 0x7fffffff)
+    throw std::invalid_argument("fusedce CUDA kernels: invalid launch (layout " + std::to_string(l.layout) +
+                                ", threads " + std::to_string(l.threads) + ", blocks " + std::to_string(l.blocks) +
+                                ", splits " + std::to_string(l.splits) + ")");
+}
+
+}  // namespace
+
+void forward(const Params& p, const Launch& l) {
+  if (p.rows == 0) return;
+  const bool fused = p.grad_loss != nullptr;
+  check_launch(p, l, true, fused);
+  DeviceGuard guard(l.device);
+  const auto stream = reinterpret_cast<cudaStream_t>(l.stream);
+  const bool general = is_general(p);
+  by_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (l.splits > 1) {  // segment states, merged per row, then (fused) the gradient from the lse
+      launch_rows<T>(p, l, kPartial, stream, general);
+      check(cudaGetLastError(), "launching the split-row forward kernel");
+      launch_finalize<T>(p, l.splits, stream, general);
+      check(cudaGetLastError(), "launching the split-row finalize kernel");
+      if (fused) launch_rows<T>(p, l, kBackward, stream, general);
+    } else {
+      launch_rows<T>(p, l, kForward | (fused ? kBackward : 0), stream, general);
+    }
+    check(cudaGetLastError(), fused ? "launching the fused forward-with-gradient kernel" : "launching the forward kernel");
+  });
+}
+
+void backward(const Params& p, const Launch& l) {
+  if (p.rows == 0) return;
+  check_launch(p, l, false, false);
+  DeviceGuard guard(l.device);
+  const auto stream = reinterpret_cast<cudaStream_t>(l.stream);
+  by_dtype(p.dtype, [&](auto tag) { launch_rows<decltype(tag)>(p, l, kBackward, stream, is_general(p)); });
+  check(cudaGetLastError(), "launching the backward kernel");
+}
+
+void scale(void* grad, int dtype, int64_t rows, int64_t vocab, int64_t row_stride, const float* scale, int device,
+           uintptr_t stream) {
+  if (rows == 0 || vocab == 0) return;
+  DeviceGuard guard(device);
+  by_dtype(dtype, [&](auto tag) {
+    launch_scale<decltype(tag)>(grad, rows, vocab, row_stride, scale, reinterpret_cast<cudaStream_t>(stream));
+  });
+  check(cudaGetLastError(), "launching the gradient scale kernel");
+}
+
+DeviceInfo device_info(int device) {
+  DeviceInfo info{};
+  int l2 = 0;
+  check(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&info.threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device),
+        "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device), "cudaDeviceGetAttribute");
+  info.l2_bytes = l2;
+  return info;
+}
+
+}  // namespace cuda
+}  // namespace fusedce

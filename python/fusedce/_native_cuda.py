@@ -1,0 +1,146 @@
+"""The one place that declares the CUDA kernels' signatures (fusedce._cuda takes plain integers: device
+pointers, sizes, strides, dtype codes, the device index and the stream) and plans their launch."""
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import torch
+
+from ._native import DTYPE_CODES
+
+try:
+    from . import _cuda
+    IMPORT_ERROR: Optional[str] = None
+except ImportError as e:  # built without nvcc, or with FUSEDCE_BUILD_CUDA=0
+    _cuda = None
+    IMPORT_ERROR = f"{type(e).__name__}: {e}"
+
+# Must match enum Layout in csrc/cuda/params.h.
+WARP_PER_ROW, BLOCK_PER_ROW, BLOCK_PER_ROW_CACHED = 0, 1, 2
+CACHE_PACKS = 8  # kCachePacks in csrc/cuda/kernels.cuh: 16-byte packs per thread of the cached layout
+WARP_ROW_MAX_BYTES = 4096  # up to here a warp per row: a block per row would leave most threads idle
+BLOCK_MAX_THREADS = 512  # uncached rows: two or more blocks per SM overlap one's reduction with another's loads
+SEGMENT_MIN_BYTES = 16384  # a split row's segments stay long enough to stream
+
+
+def available() -> bool:
+    return _cuda is not None
+
+
+class Device(NamedTuple):
+    sms: int
+    threads_per_sm: int
+    l2_bytes: int
+
+
+class LaunchPlan(NamedTuple):
+    layout: int
+    threads: int
+    blocks: int  # blocks along the rows (each loops over rows with the grid's stride)
+    splits: int  # segments per row
+    vectorized: bool
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _block_threads(nbytes: int) -> int:
+    """Threads for a block reading nbytes of a row: at least 4 packs of 16 bytes each."""
+    return min(BLOCK_MAX_THREADS, max(128, _pow2_at_least(-(-nbytes // 64))))
+
+
+def plan(rows: int, vocab: int, element_size: int, device: Device, *, fused: bool, general: bool, soft: bool,
+         vectorized: bool) -> LaunchPlan:
+    """Launch shape for rows x vocab logits (rows >= 1). Untuned (written without a GPU): the rules
+    follow from the traffic model, and benchmarks/ is the place to tune them.
+    - Rows up to 4 KiB: a warp per row, 8 rows per block.
+    - The fused mode, common options, rows up to 128 KiB and enough of them to fill the GPU: a block per
+      row, the row held in registers (CACHE_PACKS x 16 bytes per thread), so the gradient pass reads
+      no memory.
+    - Otherwise a block per row. Too few rows to fill the GPU: each row is split into segments
+      (separate blocks) whose softmax states merge in a second kernel. The fused mode re-reads each
+      row for its gradient, so the rows in flight are bounded to stay in L2 where that is possible."""
+    row_bytes = vocab * element_size
+    per_pack = 16 // element_size
+    if row_bytes <= WARP_ROW_MAX_BYTES:
+        return LaunchPlan(WARP_PER_ROW, 256, min(-(-rows // 8), device.sms * device.threads_per_sm // 256), 1,
+                          vectorized)
+    if fused and not general and vectorized and vocab <= CACHE_PACKS * 1024 * per_pack and rows >= device.sms:
+        threads = min(1024, max(64, _pow2_at_least(-(-vocab // (per_pack * CACHE_PACKS)))))
+        return LaunchPlan(BLOCK_PER_ROW_CACHED, threads,
+                          min(rows, device.sms * max(1, device.threads_per_sm // threads)), 1, True)
+    threads = _block_threads(row_bytes)
+    resident = device.sms * (device.threads_per_sm // threads)
+    if not soft and rows < resident:
+        splits = max(1, min(-(-resident // rows), row_bytes // SEGMENT_MIN_BYTES, 65535))
+        if splits > 1:
+            return LaunchPlan(BLOCK_PER_ROW, _block_threads(-(-row_bytes // splits)), rows, splits, vectorized)
+    blocks = min(rows, resident)
+    if fused:
+        blocks = min(blocks, max(device.sms, (device.l2_bytes // 2) // row_bytes))
+    return LaunchPlan(BLOCK_PER_ROW, threads, blocks, 1, vectorized)
+
+
+@functools.lru_cache(maxsize=None)
+def device_info(index: int) -> Device:
+    return Device(*_cuda.device_info(index))
+
+
+def _same_phase(logits: torch.Tensor, dlogits: Optional[torch.Tensor]) -> bool:
+    """16-byte packs need every row of logits and dlogits at the same offset from a 16-byte boundary."""
+    if dlogits is None:
+        return True
+    es = logits.element_size()
+    return (logits.data_ptr() - dlogits.data_ptr()) % 16 == 0 and (
+        logits.shape[0] <= 1 or (logits.stride(0) - dlogits.stride(0)) * es % 16 == 0)
+
+
+def _ptr(t: Optional[torch.Tensor]) -> int:
+    return t.data_ptr() if t is not None else 0
+
+
+def _call(kernel, logits, target, weight, weight_sum, opts, lse, grad_loss, dlogits, **extra) -> None:
+    if logits.shape[0] == 0:
+        return
+    soft = target.is_floating_point()
+    index = logits.device.index if logits.device.index is not None else torch.cuda.current_device()
+    general = soft or weight is not None or opts.label_smoothing > 0 or opts.softcap > 0
+    launch = plan(logits.shape[0], logits.shape[1], logits.element_size(), device_info(index),
+                  fused=kernel is _cuda.forward and grad_loss is not None, general=general, soft=soft,
+                  vectorized=_same_phase(logits, dlogits))
+    if kernel is _cuda.forward:  # split rows: 5 floats of softmax state per segment (State in kernels.cuh)
+        workspace = torch.empty(logits.shape[0] * launch.splits * 5, dtype=torch.float32,
+                                device=logits.device) if launch.splits > 1 else None
+        extra["workspace"] = _ptr(workspace)
+    kernel(logits=logits.data_ptr(), logits_row_stride=logits.stride(0), rows=logits.shape[0],
+           vocab=logits.shape[1], dtype=DTYPE_CODES[logits.dtype],
+           target_index=0 if soft else target.data_ptr(), target_prob=target.data_ptr() if soft else 0,
+           target_row_stride=target.stride(0) if soft else 0,
+           target_dtype=DTYPE_CODES[target.dtype] if soft else 0,
+           weight=_ptr(weight), weight_sum=_ptr(weight_sum), ignore_index=opts.ignore_index,
+           label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap, lse=lse.data_ptr(),
+           grad_loss=_ptr(grad_loss), grad_stride=grad_loss.stride(0) if grad_loss is not None else 0,
+           dlogits=_ptr(dlogits), dlogits_row_stride=dlogits.stride(0) if dlogits is not None else 0,
+           layout=launch.layout, threads=launch.threads, blocks=launch.blocks, splits=launch.splits,
+           vectorized=launch.vectorized, device=index, stream=torch.cuda.current_stream(logits.device).cuda_stream,
+           **extra)
+
+
+def forward(logits, target, weight, weight_sum, opts, loss, lse, grad_loss=None, dlogits=None) -> None:
+    """loss, lse: [rows] fp32 out. With dlogits (and grad_loss, [rows] fp32, any stride) also the
+    gradient of sum(grad_loss * loss) in the same launch. weight: [V] fp32; weight_sum: its 0-d sum
+    (class-index targets with a weight), read on the device."""
+    _call(_cuda.forward, logits, target, weight, weight_sum, opts, lse, grad_loss, dlogits, loss=loss.data_ptr())
+
+
+def backward(grad_loss, logits, target, weight, weight_sum, lse, opts, dlogits) -> None:
+    _call(_cuda.backward, logits, target, weight, weight_sum, opts, lse, grad_loss, dlogits)
+
+
+def scale_(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """grad [rows, V] (unit stride along V) *= scale (0-d fp32), skipped on the device when it is 1."""
+    _cuda.scale(grad=grad.data_ptr(), dtype=DTYPE_CODES[grad.dtype], rows=grad.shape[0], vocab=grad.shape[1],
+                row_stride=grad.stride(0), scale=scale.data_ptr(), device=grad.device.index,
+                stream=torch.cuda.current_stream(grad.device).cuda_stream)

@@ -1,0 +1,196 @@
+"""The CUDA C++ backend: its launch planning and packaging (on any machine), and on a GPU every launch
+layout against float64, agreement with the Triton and CPU backends, and CUDA-graph capture. The shared
+grid (test_parity, test_extras, test_ops) runs it too when there is a GPU."""
+import pytest
+import torch
+
+import fusedce
+from fusedce import _native_cuda
+from reference import assert_close, reference_loss, to64
+
+H100 = _native_cuda.Device(sms=132, threads_per_sm=2048, l2_bytes=50 << 20)
+needs_module = pytest.mark.skipif(not _native_cuda.available(),
+                                  reason=f"built without the CUDA kernels: {_native_cuda.IMPORT_ERROR}")
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and _native_cuda.available()),
+                               reason="needs a CUDA device and the CUDA kernels")
+
+
+def plan(rows, vocab, element_size, fused=False, general=False, soft=False, vectorized=True, device=H100):
+    return _native_cuda.plan(rows, vocab, element_size, device, fused=fused, general=general, soft=soft,
+                             vectorized=vectorized)
+
+
+# ---- launch planning (pure Python) -----------------------------------------------------------------
+
+
+def test_short_rows_get_a_warp_each():
+    p = plan(10000, 1000, 4)
+    assert p.layout == _native_cuda.WARP_PER_ROW and p.threads == 256 and p.splits == 1
+    assert p.blocks == min(-(-10000 // 8), 132 * 2048 // 256)  # 8 rows per block, a full GPU of blocks
+
+
+@pytest.mark.parametrize("vocab,element_size", [(32000, 4), (32003, 4), (65536, 2), (2000, 4)])
+def test_fused_rows_that_fit_are_held_in_registers(vocab, element_size):
+    p = plan(16384, vocab, element_size, fused=True)
+    assert p.layout == _native_cuda.BLOCK_PER_ROW_CACHED
+    assert p.threads * _native_cuda.CACHE_PACKS * (16 // element_size) >= vocab  # the whole row
+    assert p.threads <= 1024 and p.threads % 32 == 0
+
+
+@pytest.mark.parametrize("why", ["general", "not_vectorized", "too_long"])
+def test_register_cache_only_where_it_applies(why):
+    kwargs = dict(general=why == "general", vectorized=why != "not_vectorized")
+    p = plan(16384, 128256 if why == "too_long" else 32000, 2 if why == "too_long" else 4, fused=True, **kwargs)
+    assert p.layout == _native_cuda.BLOCK_PER_ROW and p.splits == 1
+    # the fused mode re-reads each row for its gradient: the rows in flight must fit in half the L2
+    row_bytes = (128256 * 2) if why == "too_long" else 32000 * 4
+    assert p.blocks <= max(132, (25 << 20) // row_bytes)
+
+
+def test_few_long_rows_are_split_to_fill_the_gpu():
+    p = plan(64, 262144, 2)
+    assert p.layout == _native_cuda.BLOCK_PER_ROW and p.blocks == 64
+    assert p.splits * 64 >= 132 * 4  # four resident 512-thread blocks per SM
+    small = plan(64, 16384, 4)  # 64 KiB rows in 16 KiB segments: threads sized for a segment, not the row
+    assert small.splits == 4 and small.threads == 256
+    # one row: as many segments as keep each at least SEGMENT_MIN_BYTES long
+    assert plan(1, 262144, 2).splits == 262144 * 2 // _native_cuda.SEGMENT_MIN_BYTES
+    assert plan(4, 262144, 2, soft=True).splits == 1  # probability targets: K needs the whole row
+    # the fused mode too: fewer rows than SMs would leave most of the GPU idle in the cached layout
+    fused = plan(64, 32000, 4, fused=True)
+    assert fused.layout == _native_cuda.BLOCK_PER_ROW and fused.splits > 1
+
+
+def test_many_long_rows_are_not_split():
+    p = plan(8192, 128256, 2)
+    assert p.splits == 1 and p.threads == 512 and p.blocks == 132 * 2048 // 512
+
+
+def test_plan_follows_the_resident_threads_of_the_gpu():
+    ada = _native_cuda.Device(sms=128, threads_per_sm=1536, l2_bytes=72 << 20)  # sm_89: 1536 threads per SM
+    assert plan(8192, 128256, 2, device=ada).blocks == 128 * 1536 // 512
+    assert plan(10000, 1000, 4, device=ada).blocks == 128 * 1536 // 256
+
+
+@needs_module
+def test_module_is_built_for_the_promised_architectures():
+    archs = _native_cuda._cuda.archs.split()
+    assert {"sm_80", "sm_86", "sm_89", "sm_90"} <= set(archs), archs
+
+
+@needs_module
+def test_cuda_backend_rejects_cpu_tensors():
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot serve this input: it runs on CUDA tensors, "
+                                           "got a cpu tensor"):
+        fusedce.cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]), backend="cuda")
+
+
+@needs_module
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+def test_cuda_errors_reach_python_with_their_message():
+    with pytest.raises(RuntimeError, match="fusedce CUDA kernels: cudaDeviceGetAttribute failed: cuda"):
+        _native_cuda._cuda.device_info(0)
+
+
+# ---- on a GPU ------------------------------------------------------------------------------------------
+
+# (rows, vocab, dtype, fused, case): each reaches one layout of the planner on any GPU of 16..1024 SMs
+LAYOUT_CASES = {
+    "warp_per_row": (600, 1000, torch.float32, False, {}),
+    "warp_per_row_fused_general": (600, 999, torch.bfloat16, True, dict(label_smoothing=0.1, weight=True)),
+    "cached": (3000, 32000, torch.float32, True, {}),
+    "cached_unaligned_rows": (3000, 32003, torch.float32, True, {}),
+    "block_fused_l2": (3000, 32000, torch.float32, True, dict(softcap=30.0, z_loss=1e-4)),
+    "block_bf16_128k": (400, 128256, torch.bfloat16, True, {}),
+    "split_rows": (2, 262144, torch.bfloat16, True, {}),
+    "split_rows_general": (3, 50257, torch.float32, True, dict(label_smoothing=0.2)),
+    "soft_targets": (700, 5000, torch.float16, True, dict(soft=True)),
+    "backward_only": (3000, 32000, torch.float32, False, dict(weight=True)),
+}
+
+
+def _inputs(rows, vocab, dtype, case):
+    logits = (torch.randn(rows, vocab, device="cuda") * 3).to(dtype)
+    if case.get("soft"):
+        target = torch.softmax(torch.randn(rows, vocab, device="cuda"), 1).to(dtype)
+    else:
+        target = torch.randint(0, vocab, (rows,), device="cuda")
+        target[::7] = -100
+    weight = torch.rand(vocab, device="cuda").add(0.5) if case.get("weight") else None
+    options = {k: case[k] for k in ("label_smoothing", "z_loss", "softcap") if k in case}
+    return logits, target, weight, options
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", list(LAYOUT_CASES))
+def test_every_layout_matches_float64(name):
+    rows, vocab, dtype, fused, case = LAYOUT_CASES[name]
+    logits, target, weight, options = _inputs(rows, vocab, dtype, case)
+    x = logits.clone().requires_grad_()
+    x64 = to64(logits).requires_grad_()
+    loss = fusedce.cross_entropy(x, target, weight, reduction="sum", fused=fused, backend="cuda", **options)
+    ref = reference_loss(x64, to64(target), to64(weight), reduction="sum", **options)
+    assert_close(loss, ref, dtype, scale=ref.abs().item())
+    loss.backward()
+    ref.backward()
+    assert_close(x.grad, x64.grad, dtype, scale=x64.grad.abs().max().item())
+
+
+@needs_gpu
+@pytest.mark.parametrize("fused", [False, True])
+def test_logits_offset_from_their_gradient_take_the_scalar_path(fused):
+    """Logits 1 element into their storage: they and a fresh gradient differ in 16-byte alignment."""
+    base = torch.randn(512, 4097, device="cuda", requires_grad=True)
+    logits = base[:, 1:]
+    assert not _native_cuda._same_phase(logits, torch.empty(logits.shape, device="cuda"))
+    target = torch.randint(0, 4096, (512,), device="cuda")
+    fusedce.cross_entropy(logits, target, fused=fused, backend="cuda").backward()
+    x64 = to64(logits).requires_grad_()
+    reference_loss(x64, target).backward()
+    assert_close(base.grad[:, 1:], x64.grad, torch.float32, scale=x64.grad.abs().max().item())
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", [7, 4000, 32003, 131072])
+def test_backends_agree(dtype, vocab):
+    """cuda vs triton vs cpu on the same inputs: per-row loss, lse and gradients."""
+    rows = 96
+    logits = (torch.randn(rows, vocab, device="cuda") * 4).to(dtype)
+    target = torch.randint(0, vocab, (rows,), device="cuda")
+    options = dict(label_smoothing=0.1, z_loss=1e-4, return_lse=True, reduction="none")
+    results = {}
+    for backend in ("cuda", "triton", "cpu"):
+        device = "cpu" if backend == "cpu" else "cuda"
+        x = logits.to(device).requires_grad_()
+        loss, lse = fusedce.cross_entropy(x, target.to(device), backend=backend, **options)
+        loss.backward(torch.linspace(0.5, 1.5, rows, device=device, dtype=loss.dtype))
+        results[backend] = [t.detach().double().cpu() for t in (loss, lse, x.grad)]
+    for other in ("triton", "cpu"):
+        for got, want in zip(results["cuda"], results[other]):
+            assert_close(got, want, dtype, scale=max(1.0, want.abs().max().item()))
+
+
+@needs_gpu
+def test_fused_step_replays_in_a_cuda_graph():
+    """No allocation the graph cannot own and no host sync: forward + backward capture and replay."""
+    logits = torch.randn(256, 32000, device="cuda")
+    target = torch.randint(0, 32000, (256,), device="cuda")
+    x = logits.clone().requires_grad_()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as torch.cuda.graphs asks
+        fusedce.cross_entropy(x, target, backend="cuda").backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        loss = fusedce.cross_entropy(x, target, backend="cuda")
+        loss.backward()
+    x.data.copy_(logits * 2)  # new inputs, same buffers
+    graph.replay()
+    x64 = (logits * 2).double().requires_grad_()
+    ref = reference_loss(x64, target)
+    ref.backward()
+    assert_close(loss, ref, torch.float32, scale=ref.item())
+    assert_close(x.grad, x64.grad, torch.float32, scale=x64.grad.abs().max().item())
