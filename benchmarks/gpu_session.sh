@@ -16,7 +16,11 @@ fi
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d .)
 FUSEDCE_BUILD_CUDA=1 FUSEDCE_CUDA_ARCHS=$arch python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -n 2
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
-python3 -m pytest tests -q -x 2>&1 | tee "$out/tests.log" | tail -n 5
-python3 -m benchmarks --device cuda --out "$out" 2>/dev/null | tee "$out/ce.txt"
-python3 -m benchmarks --suite linear --device cuda --out "$out" 2>/dev/null | tee "$out/linear.txt"
-python3 -m benchmarks.quickcheck --device cuda --shape 8192x128256 --dtype bfloat16 | tee "$out/quickcheck.txt"
+# the CUDA kernels apart from the rest: a fault in one poisons the CUDA context of its whole process
+python3 -m pytest tests -q -k "not cuda" 2>&1 | tee "$out/tests.log" | tail -n 5 || true
+python3 -m pytest tests -q -k cuda 2>&1 | tee "$out/tests-cuda.log" | tail -n 5 || true
+without_cuda=fusedce-triton,fusedce-torch,unfused,torch,torch-compile,liger
+python3 -m benchmarks --device cuda --out "$out" 2>/dev/null | tee "$out/ce.txt" ||
+  python3 -m benchmarks --device cuda --providers "$without_cuda" --out "$out" 2>/dev/null | tee "$out/ce.txt"
+python3 -m benchmarks --suite linear --device cuda --out "$out" 2>/dev/null | tee "$out/linear.txt" || true
+python3 -m benchmarks.quickcheck --device cuda --shape 8192x128256 --dtype bfloat16 | tee "$out/quickcheck.txt" || true

@@ -94,19 +94,30 @@ def test_cuda_errors_reach_python_with_their_message():
 
 # ---- on a GPU ------------------------------------------------------------------------------------------
 
-# (rows, vocab, dtype, fused, case): each reaches one layout of the planner on any GPU of 16..1024 SMs
+# (rows, vocab, dtype, fused, case, the layout and splits they get on an H100): every launch path
+W, B, C = _native_cuda.WARP_PER_ROW, _native_cuda.BLOCK_PER_ROW, _native_cuda.BLOCK_PER_ROW_CACHED
 LAYOUT_CASES = {
-    "warp_per_row": (600, 1000, torch.float32, False, {}),
-    "warp_per_row_fused_general": (600, 999, torch.bfloat16, True, dict(label_smoothing=0.1, weight=True)),
-    "cached": (3000, 32000, torch.float32, True, {}),
-    "cached_unaligned_rows": (3000, 32003, torch.float32, True, {}),
-    "block_fused_l2": (3000, 32000, torch.float32, True, dict(softcap=30.0, z_loss=1e-4)),
-    "block_bf16_128k": (400, 128256, torch.bfloat16, True, {}),
-    "split_rows": (2, 262144, torch.bfloat16, True, {}),
-    "split_rows_general": (3, 50257, torch.float32, True, dict(label_smoothing=0.2)),
-    "soft_targets": (700, 5000, torch.float16, True, dict(soft=True)),
-    "backward_only": (3000, 32000, torch.float32, False, dict(weight=True)),
+    "warp_per_row": (600, 1000, torch.float32, False, {}, (W, 1)),
+    "warp_per_row_fused_general": (600, 999, torch.bfloat16, True, dict(label_smoothing=0.1, weight=True), (W, 1)),
+    "cached": (3000, 32000, torch.float32, True, {}, (C, 1)),
+    "cached_unaligned_rows": (3000, 32003, torch.float32, True, {}, (C, 1)),
+    "block_fused_l2": (3000, 32000, torch.float32, True, dict(softcap=30.0, z_loss=1e-4), (B, 1)),
+    "block_bf16_128k": (600, 128256, torch.bfloat16, True, {}, (B, 1)),
+    "split_rows": (2, 262144, torch.bfloat16, True, {}, (B, 32)),
+    "split_rows_general": (3, 50257, torch.float32, True, dict(label_smoothing=0.2), (B, 12)),
+    "split_rows_backward": (40, 32000, torch.float32, False, dict(weight=True), (B, 7)),
+    "soft_targets": (700, 5000, torch.float16, True, dict(soft=True), (B, 1)),
+    "backward_only": (3000, 32000, torch.float32, False, dict(weight=True), (B, 1)),
 }
+
+
+@pytest.mark.parametrize("name", list(LAYOUT_CASES))
+def test_layout_cases_reach_their_layout_on_an_h100(name):
+    rows, vocab, dtype, fused, case, expected = LAYOUT_CASES[name]
+    general = any(k in case for k in ("weight", "soft", "label_smoothing", "softcap"))
+    p = plan(rows, vocab, torch.empty((), dtype=dtype).element_size(), fused=fused, general=general,
+             soft="soft" in case)
+    assert (p.layout, p.splits) == expected
 
 
 def _inputs(rows, vocab, dtype, case):
@@ -124,7 +135,7 @@ def _inputs(rows, vocab, dtype, case):
 @needs_gpu
 @pytest.mark.parametrize("name", list(LAYOUT_CASES))
 def test_every_layout_matches_float64(name):
-    rows, vocab, dtype, fused, case = LAYOUT_CASES[name]
+    rows, vocab, dtype, fused, case, _ = LAYOUT_CASES[name]
     logits, target, weight, options = _inputs(rows, vocab, dtype, case)
     x = logits.clone().requires_grad_()
     x64 = to64(logits).requires_grad_()
