@@ -92,6 +92,27 @@ def test_cuda_errors_reach_python_with_their_message():
         _native_cuda._cuda.device_info(0)
 
 
+@needs_module
+@pytest.mark.parametrize("bad,message", [
+    (dict(layout=7), "invalid launch \\(layout 7"),
+    (dict(threads=48), "invalid launch"),
+    (dict(layout=_native_cuda.BLOCK_PER_ROW_CACHED), "invalid launch"),  # only for the fused mode
+    (dict(splits=4), "invalid launch"),  # a split forward needs its workspace
+    (dict(vocab=1 << 30), "1073741824 classes; at most 2\\^30 - 1 are supported"),
+    (dict(dtype=3), "unsupported dtype code 3"),
+])
+def test_native_module_rejects_bad_launches_before_touching_the_gpu(bad, message):
+    """The launch checks run before any CUDA call, so they raise the same with or without a GPU."""
+    args = dict(logits=0, logits_row_stride=100, rows=4, vocab=100, dtype=0, target_index=0, target_prob=0,
+                target_row_stride=0, target_dtype=0, weight=0, weight_sum=0, ignore_index=-100, label_smoothing=0.0,
+                z_loss=0.0, softcap=0.0, lse=0, grad_loss=0, grad_stride=0, dlogits=0, dlogits_row_stride=0,
+                layout=_native_cuda.BLOCK_PER_ROW, threads=128, blocks=4, splits=1, vectorized=True, device=0,
+                stream=0, loss=0, workspace=0)
+    args.update(bad)
+    with pytest.raises((ValueError, RuntimeError), match=message):
+        _native_cuda._cuda.forward(**args)
+
+
 # ---- on a GPU ------------------------------------------------------------------------------------------
 
 # (rows, vocab, dtype, fused, case, the layout and splits they get on an H100): every launch path

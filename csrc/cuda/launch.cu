@@ -44,13 +44,18 @@ class DeviceGuard {
   int previous_ = -1;
 };
 
+void check_dtype(int dtype) {
+  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
+    throw std::invalid_argument("fusedce CUDA kernels: unsupported dtype code " + std::to_string(dtype));
+}
+
 template <typename Fn>
 void by_dtype(int dtype, Fn&& fn) {
+  check_dtype(dtype);
   switch (dtype) {
-    case kFloat32: return fn(float());
     case kFloat16: return fn(__half());
     case kBFloat16: return fn(__nv_bfloat16());
-    default: throw std::invalid_argument("fusedce CUDA kernels: unsupported dtype code " + std::to_string(dtype));
+    default: return fn(float());
   }
 }
 
@@ -62,6 +67,8 @@ bool is_general(const Params& p) {
 int element_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
 void check_launch(const Params& p, const Launch& l, bool forward, bool fused) {
+  check_dtype(p.dtype);
+  if (p.target_prob) check_dtype(p.target_dtype);
   const bool threads_ok = l.threads >= 32 && l.threads <= 1024 && l.threads % 32 == 0;
   const bool layout_ok = l.layout == kWarpPerRow || l.layout == kBlockPerRow ||
                          (l.layout == kBlockPerRowCached && fused && !is_general(p) && l.vectorized &&
@@ -115,6 +122,7 @@ void backward(const Params& p, const Launch& l) {
 void scale(void* grad, int dtype, int64_t rows, int64_t vocab, int64_t row_stride, const float* scale, int device,
            uintptr_t stream) {
   if (rows == 0 || vocab == 0) return;
+  check_dtype(dtype);
   DeviceGuard guard(device);
   by_dtype(dtype, [&](auto tag) {
     launch_scale<decltype(tag)>(grad, rows, vocab, row_stride, scale, reinterpret_cast<cudaStream_t>(stream));
