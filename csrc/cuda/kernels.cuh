@@ -332,11 +332,12 @@ struct RowMath {
     }
   }
 
-  // sum_j c_j over the whole row (probability targets, backward without the forward).
+  // This thread's share of sum_j c_j over the whole row (probability targets, backward without the
+  // forward; the caller reduces it over the group).
   __device__ float k_sum(int rank, int size) const {
-    State s;
-    for (int j = rank; j < int(p.vocab); j += size) s.k += coefficient(j);
-    return s.k;
+    float k = 0.f;
+    for (int j = rank; j < int(p.vocab); j += size) k += coefficient(j);
+    return k;
   }
 };
 
