@@ -194,7 +194,7 @@ def test_backends_agree(dtype, vocab):
     results = {}
     for backend in ("cuda", "triton", "cpu"):
         device = "cpu" if backend == "cpu" else "cuda"
-        x = logits.to(device).requires_grad_()
+        x = logits.to(device, copy=True).requires_grad_()  # a fresh leaf per backend: grads must not add up
         loss, lse = fusedce.cross_entropy(x, target.to(device), backend=backend, **options)
         loss.backward(torch.linspace(0.5, 1.5, rows, device=device, dtype=loss.dtype))
         results[backend] = [t.detach().double().cpu() for t in (loss, lse, x.grad)]
