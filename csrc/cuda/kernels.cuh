@@ -53,24 +53,6 @@ __device__ __forceinline__ __half from_float<__half>(float v) { return __float2h
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-template <int N>
-using Width = std::integral_constant<int, N>;
-
-// N consecutive elements as floats: one 16-byte load when N elements make 16 bytes (the caller
-// guarantees the alignment), else element by element.
-template <typename T, int N>
-__device__ __forceinline__ void load(const T* src, float (&x)[N]) {
-  if constexpr (N * sizeof(T) == 16) {
-    const uint4 raw = *reinterpret_cast<const uint4*>(src);
-    const T* v = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int i = 0; i < N; ++i) x[i] = to_float(v[i]);
-  } else {
-#pragma unroll
-    for (int i = 0; i < N; ++i) x[i] = to_float(src[i]);
-  }
-}
-
 template <typename T, int N>
 __device__ __forceinline__ void unpack(const uint4& raw, float (&x)[N]) {
   static_assert(N * sizeof(T) == 16, "a pack is 16 bytes");
@@ -360,14 +342,36 @@ struct Span {
     tail = body + packs * VEC;
   }
 
-  // f(column, Width<n>) on this thread's share: single elements, then packs.
+  // f(column, x) on this thread's share of the row, x holding the 1 or VEC logits from that column as
+  // floats: single elements, then packs. kBatch packs are loaded before any is used, so that many
+  // loads are in flight even where f stores (the compiler may not move a load above a store that
+  // could alias it: dlogits may be the logits).
   template <typename F>
-  __device__ __forceinline__ void for_each(int rank, int size, F&& f) const {
-    for (int j = c0 + rank; j < body; j += size) f(j, Width<1>());
-    for (int j = tail + rank; j < c1; j += size) f(j, Width<1>());
+  __device__ __forceinline__ void for_each(const T* row, int rank, int size, F&& f) const {
+    for (int j = c0 + rank; j < body; j += size) {
+      float x[1] = {to_float(row[j])};
+      f(j, x);
+    }
+    for (int j = tail + rank; j < c1; j += size) {
+      float x[1] = {to_float(row[j])};
+      f(j, x);
+    }
     if constexpr (VEC > 1) {
-#pragma unroll 4
-      for (int v = rank; v < packs; v += size) f(body + v * VEC, Width<VEC>());
+      constexpr int kBatch = 4;
+      for (int v0 = rank; v0 < packs; v0 += kBatch * size) {
+        uint4 raw[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b)
+          if (v0 + b * size < packs) raw[b] = *reinterpret_cast<const uint4*>(row + body + (v0 + b * size) * VEC);
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b) {
+          if (v0 + b * size < packs) {
+            float x[VEC];
+            unpack<T>(raw[b], x);
+            f(body + (v0 + b * size) * VEC, x);
+          }
+        }
+      }
     }
   }
 };
@@ -393,11 +397,7 @@ __global__ void __launch_bounds__(1024) row_kernel(Params p, int passes) {
       // read before any thread of the row writes its gradient (dlogits may be the logits)
       const float x_t = r.soft ? 0.f : r.cap(to_float(x_row[r.t]));
       State s;
-      span.for_each(rank, size, [&](int j, auto width) {
-        float x[decltype(width)::value];
-        load<T>(x_row + j, x);
-        r.accumulate(s, x, j);
-      });
+      span.for_each(x_row, rank, size, [&](int j, auto& x) { r.accumulate(s, x, j); });
       s = G::reduce(s);
       if (passes & kPartial) {
         if (rank == 0) s.store_to(p.workspace + (row * gridDim.y + blockIdx.y) * kStateFloats);
@@ -419,10 +419,8 @@ __global__ void __launch_bounds__(1024) row_kernel(Params p, int passes) {
     if (!(passes & kBackward)) continue;
     r.begin_gradient(row, shift + log_s, k_soft);
     T* d_row = static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride;
-    span.for_each(rank, size, [&](int j, auto width) {
-      constexpr int n = decltype(width)::value;
-      float x[n], d[n];
-      load<T>(x_row + j, x);
+    span.for_each(x_row, rank, size, [&](int j, auto& x) {
+      float d[std::extent_v<std::remove_reference_t<decltype(x)>>];
       r.gradient(x, j, shift, log_s, d);
       store<T>(d_row + j, d);
     });
