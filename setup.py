@@ -20,6 +20,7 @@ from setuptools import setup
 # SASS for each of these that the toolkit knows, plus PTX of the newest, which later GPUs JIT-compile.
 DEFAULT_CUDA_ARCHS = "80;86;89;90;100;120"
 JOBS = os.cpu_count() or 1
+CUDA_MODE = os.environ.get("FUSEDCE_BUILD_CUDA", "auto")
 
 
 def sources(folder, suffix):
@@ -84,7 +85,6 @@ class ParallelBuildExt(build_ext):
     def build_extension(self, ext):
         if ext.name != "fusedce._cuda":
             return super().build_extension(ext)
-        mode = os.environ.get("FUSEDCE_BUILD_CUDA", "auto")
         try:
             toolkit = CudaToolkit.find()
             if toolkit is None:
@@ -94,7 +94,7 @@ class ParallelBuildExt(build_ext):
             ext.define_macros = [("FUSEDCE_CUDA_ARCHS", '"' + " ".join(f"sm_{a}" for a in toolkit.archs) + '"')]
             super().build_extension(ext)
         except Exception as e:  # noqa: BLE001  (re-raised when the CUDA build was asked for)
-            if mode == "1":
+            if CUDA_MODE == "1":
                 raise
             print(f"WARNING: fusedce is built without its CUDA kernels: {e}", file=sys.stderr, flush=True)
 
@@ -117,11 +117,9 @@ cuda_extension = Pybind11Extension(
     libraries=["cudart_static", "dl", "rt", "pthread"],
 )
 
-build_cuda = os.environ.get("FUSEDCE_BUILD_CUDA", "auto") != "0"
-
 setup(
     package_dir={"fusedce": "python/fusedce", "fusedce.triton_kernels": "triton_kernels"},
     packages=["fusedce", "fusedce.backends", "fusedce.triton_kernels"],
-    ext_modules=[cpu_extension] + ([cuda_extension] if build_cuda else []),
+    ext_modules=[cpu_extension] + ([cuda_extension] if CUDA_MODE != "0" else []),
     cmdclass={"build_ext": ParallelBuildExt},
 )

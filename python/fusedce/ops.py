@@ -20,7 +20,7 @@ from . import backends
 from .options import Options, accumulation_dtype, softcapped
 
 
-def _check_op_inputs(logits: Tensor, target: Tensor, weight: Optional[Tensor], *row_tensors: Tensor,
+def _check_op_inputs(logits: Tensor, target: Tensor, weight: Optional[Tensor], grad_loss: Optional[Tensor] = None,
                      lse: Optional[Tensor] = None) -> None:
     """The layout the kernels read, checked here because the ops are public (the API layer builds it)."""
     if logits.dim() != 2 or logits.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -42,6 +42,7 @@ def _check_op_inputs(logits: Tensor, target: Tensor, weight: Optional[Tensor], *
     if weight is not None and (weight.shape != (vocab,) or weight.dtype != acc or not weight.is_contiguous()):
         raise ValueError(f"weight must be a contiguous {acc} tensor of shape ({vocab},), got {weight.dtype} "
                          f"{tuple(weight.shape)}")
+    row_tensors = [t for t in (grad_loss, lse) if t is not None]
     for t in row_tensors:
         if t.shape != (rows,) or t.dtype != acc:
             raise ValueError(f"grad_loss and lse must be {acc} tensors of shape ({rows},), got {t.dtype} "
@@ -76,7 +77,7 @@ def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, ba
 def cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
                            lse: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
                            softcap: float, backend: str) -> Tensor:
-    _check_op_inputs(logits, target, weight, grad_loss, lse, lse=lse)
+    _check_op_inputs(logits, target, weight, grad_loss, lse)
     dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
     opts = Options(ignore_index, label_smoothing, z_loss, softcap)
     backends.get(backend).backward(grad_loss, logits, target, weight, lse, opts, dlogits)
@@ -94,7 +95,7 @@ def cross_entropy_backward_(grad_loss: Tensor, logits: Tensor, target: Tensor, w
                             softcap: float, backend: str) -> None:
     """Like cross_entropy_backward, but the gradient overwrites `logits` (each block of a row is read
     before it is written, so the kernels may alias input and output)."""
-    _check_op_inputs(logits, target, weight, grad_loss, lse, lse=lse)
+    _check_op_inputs(logits, target, weight, grad_loss, lse)
     opts = Options(ignore_index, label_smoothing, z_loss, softcap)
     backends.get(backend).backward(grad_loss, logits, target, weight, lse, opts, logits)
 
