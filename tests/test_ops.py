@@ -1,8 +1,16 @@
 """The op layer: opcheck on each custom op, torch.compile without graph breaks, the in-place option."""
+import functools
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
+from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 import fusedce
+from fusedce import ops
 from conftest import device_of
 from reference import assert_close, reference_loss, to64
 
@@ -26,21 +34,23 @@ def op_args(backend, soft, options, device):
 def test_opcheck(backend, soft, options):
     device = device_of(backend)
     logits, target, weight, options = op_args(backend, soft, options, device)
+    op = functools.partial(ops.op, backend=backend)  # the ops the API calls for this backend
     fwd_args = (logits.clone().requires_grad_(), target, weight, *options, backend)
-    torch.library.opcheck(torch.ops.fusedce.cross_entropy_forward.default, fwd_args)
-    loss, lse = torch.ops.fusedce.cross_entropy_forward(logits, target, weight, *options, backend)
+    torch.library.opcheck(op("cross_entropy_forward").default, fwd_args)
+    loss, lse = op("cross_entropy_forward")(logits, target, weight, *options, backend)
     for grad in (torch.rand(5, device=device), torch.ones((), device=device).expand(5)):  # stride 0 too
         bwd_args = (grad, logits, target, weight, lse, *options, backend)
-        torch.library.opcheck(torch.ops.fusedce.cross_entropy_backward.default, bwd_args)
-        torch.library.opcheck(torch.ops.fusedce.cross_entropy_backward_.default,
-                              (grad, logits.clone(), *bwd_args[2:]))
+        torch.library.opcheck(op("cross_entropy_backward").default, bwd_args)
+        torch.library.opcheck(op("cross_entropy_backward_").default, (grad, logits.clone(), *bwd_args[2:]))
+        fused_args = (logits, target, weight, grad, *options, backend)
+        torch.library.opcheck(op("cross_entropy_forward_with_grad").default, fused_args)
+        torch.library.opcheck(op("cross_entropy_forward_with_grad_").default, (logits.clone(), *fused_args[1:]))
+    torch.library.opcheck(op("scale_").default, (logits.clone(), torch.tensor(0.5, device=device), backend))
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_compile_fullgraph(backend, reduction):
     device = device_of(backend)
-    if backend == "triton" and device == "cpu":
-        pytest.skip("Inductor cannot compile Triton-interpreter kernels for CPU tensors")
     logits = torch.randn(6, 50, device=device)
     target = torch.randint(0, 50, (6,), device=device)
 
@@ -56,6 +66,64 @@ def test_compile_fullgraph(backend, reduction):
     ref.backward()
     assert_close(out, ref, torch.float32)
     assert_close(x.grad, xe.grad, torch.float32)
+
+
+def _compiled_graphs(fn, *args):
+    """The forward and backward graphs of fn(*args).backward() under torch.compile(fullgraph=True)."""
+    recorder = AotEagerAndRecordGraphs()
+    torch.compile(fn, fullgraph=True, backend=recorder)(*args).backward()
+    return [g.code for g in recorder.fw_graphs], [g.code for g in recorder.bw_graphs]
+
+
+@pytest.mark.filterwarnings("ignore:Your compiler for AOTAutograd")  # torch's own recording backend
+@pytest.mark.parametrize("fused", [False, True])
+def test_compiled_backward_is_one_kernel_call(backend, fused):
+    """torch.compile gives an output the caller drops a zero gradient, not None: the API returns no lse it
+    was not asked for, so the backward does not spend a softmax pass over the logits on it. The fused
+    mode compiles too (its backward is the scale_ op)."""
+    device = device_of(backend)
+    x = torch.randn(6, 50, device=device, requires_grad=True)
+    target = torch.randint(0, 50, (6,), device=device)
+    fwd, bwd = _compiled_graphs(lambda x, t: fusedce.cross_entropy(x, t, fused=fused, backend=backend), x, target)
+    assert len(bwd) == 1 and "aten.exp." not in bwd[0], bwd
+    x64 = to64(x).requires_grad_()
+    reference_loss(x64, target).backward()
+    assert_close(x.grad, x64.grad, torch.float32)
+
+
+_TRACE_TRITON = """
+import json, torch
+from torch._dynamo.testing import AotEagerAndRecordGraphs
+import fusedce
+from fusedce import ops
+from fusedce.function import FusedCrossEntropyFunction
+assert ops.TRITON_TRACEABLE
+x = torch.randn(6, 50, device="meta", requires_grad=True)  # tracing needs shapes, not a GPU
+t = torch.randint(0, 50, (6,), device="meta")
+options = (-100, 0.1, 1e-4, 30.0, "triton")
+steps = {"separate": lambda x, t: fusedce.CrossEntropyFunction.apply(x, t, None, *options, False, False).sum(),
+         "fused": lambda x, t: FusedCrossEntropyFunction.apply(x, t, None, None, options, False) * 2.0}
+graphs = {}
+for name, step in steps.items():
+    recorder = AotEagerAndRecordGraphs()
+    torch.compile(step, fullgraph=True, backend=recorder)(x, t).backward()
+    graphs[name] = [[g.code for g in recorder.fw_graphs], [g.code for g in recorder.bw_graphs]]
+print(json.dumps(graphs))
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="torch.library.triton_op needs torch >= 2.6")
+def test_compile_traces_into_the_triton_kernels():
+    """torch.compile sees the Triton kernels of the "triton" backend, not an opaque op: traced on meta
+    tensors in a process without TRITON_INTERPRET (the interpreter's kernels cannot be traced)."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _TRACE_TRITON], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for name, (fwd, bwd) in json.loads(run.stdout).items():
+        for code in fwd + bwd:
+            assert "fusedce." not in code, (name, code)  # no opaque fusedce op left in the graph
+        assert [c.count("triton_kernel_wrapper_functional(") for c in fwd + bwd] == [1, 1], (name, fwd, bwd)
 
 
 def test_inplace_backward_matches_and_reuses_memory(backend):

@@ -195,6 +195,9 @@ def scale_kernel(grad_ptr, scale_ptr, V, row_stride, BLOCK_V: tl.constexpr):
 
 # ---- launch helpers ------------------------------------------------------------------------------
 
+# Inside fusedce's torch.library.triton_op ops, wrap_triton lets torch.compile trace the launch (torch >= 2.6).
+_traceable = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
+
 
 def launch_config(vocab: int, element_size: int, device: torch.device):
     """(BLOCK_V, num_warps) for a row length. 16 KiB of logits per block iteration keeps enough loads in
@@ -220,7 +223,7 @@ def cross_entropy(logits, target, weight, weight_sum, opts, *, forward: bool, gr
     block, warps = launch_config(vocab, logits.element_size(), logits.device)
     backward = dlogits is not None
     dummy = lse if lse is not None else loss
-    cross_entropy_kernel[(rows,)](
+    _traceable(cross_entropy_kernel)[(rows,)](
         logits, target, weight if weight is not None else dummy, weight_sum if weight_sum is not None else dummy,
         loss if loss is not None else dummy, lse, grad_loss if backward else dummy,
         dlogits if backward else logits,
@@ -238,4 +241,4 @@ def scale_(grad: torch.Tensor, scale: torch.Tensor) -> None:
     if grad.numel() == 0:
         return
     block = min(triton.next_power_of_2(vocab), 4096)
-    scale_kernel[(rows, triton.cdiv(vocab, block))](grad, scale, vocab, grad.stride(0), BLOCK_V=block)
+    _traceable(scale_kernel)[(rows, triton.cdiv(vocab, block))](grad, scale, vocab, grad.stride(0), BLOCK_V=block)

@@ -76,7 +76,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         result = FusedCrossEntropyFunction.apply(logits, rows_target, w, denominator, options, inplace)
         return result.to(out_dtype)
 
-    loss, lse = CrossEntropyFunction.apply(logits, rows_target, w, *options, inplace_backward)
+    out = CrossEntropyFunction.apply(logits, rows_target, w, *options, inplace_backward, return_lse)
+    loss, lse = out if return_lse else (out, None)
     batch_shape = target.shape[:1] + target.shape[2:] if soft and target.dim() > 1 else (
         () if soft else target.shape)
     if reduction == "none":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import backends, ops
+from . import ops
 from .options import accumulation_dtype
 
 
@@ -28,7 +28,10 @@ _SECOND_INPLACE_BACKWARD = ("backward called twice with inplace_backward=True: t
 
 class CrossEntropyFunction(torch.autograd.Function):
     """apply(logits[R, V], target, weight, ignore_index, label_smoothing, z_loss, softcap, backend,
-    inplace_backward) -> (loss[R], lse[R]); arguments as for fusedce.ops.cross_entropy_forward.
+    inplace_backward=False, return_lse=True) -> (loss[R], lse[R]), or loss alone without return_lse;
+    arguments as for fusedce.ops.cross_entropy_forward. Callers that drop lse should not return it:
+    torch.compile hands an unused output a zero gradient rather than None, and the backward would
+    spend a pass over the logits on it.
 
     With inplace_backward the backward writes the gradient into the logits' memory instead of a new
     tensor (saves rows x V elements). The forward then bumps the logits' version counter, so any other
@@ -37,9 +40,9 @@ class CrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend,
-                inplace_backward=False):
+                inplace_backward=False, return_lse=True):
         options = (ignore_index, label_smoothing, z_loss, softcap, backend)
-        loss, lse = torch.ops.fusedce.cross_entropy_forward(logits, target, weight, *options)
+        loss, lse = ops.op("cross_entropy_forward", backend)(logits, target, weight, *options)
         ctx.inplace = bool(inplace_backward) and not torch.compiler.is_compiling()
         if ctx.inplace:
             _check_inplace_allowed(logits)
@@ -50,11 +53,11 @@ class CrossEntropyFunction(torch.autograd.Function):
             ctx.save_for_backward(logits, target, weight, lse)
         ctx.options = options
         ctx.set_materialize_grads(False)
-        return loss, lse
+        return (loss, lse) if return_lse else loss
 
     @staticmethod
     @once_differentiable  # the kernels' gradient is not itself differentiable: create_graph raises
-    def backward(ctx, grad_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_lse=None):
         if ctx.inplace:
             if ctx.logits is None:
                 raise RuntimeError(_SECOND_INPLACE_BACKWARD)
@@ -63,7 +66,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         else:
             saved = ctx.saved_tensors
         grads = ops.input_grads(ctx.needs_input_grad, saved, grad_loss, grad_lse, ctx.options, ctx.inplace)
-        return grads + (None,) * 6
+        return grads + (None,) * 7
 
 
 class FusedCrossEntropyFunction(torch.autograd.Function):
@@ -82,15 +85,16 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
         rows = logits.shape[0]
         one = torch.ones((), dtype=accumulation_dtype(logits.dtype), device=logits.device)
         grad_loss = (one / denominator if denominator is not None else one).expand(rows)
+        backend = options[-1]
         if inplace:
             _check_inplace_allowed(logits)
-            loss, lse = torch.ops.fusedce.cross_entropy_forward_with_grad_(logits, target, weight, grad_loss, *options)
+            loss, lse = ops.op("cross_entropy_forward_with_grad_", backend)(logits, target, weight, grad_loss, *options)
             torch.autograd.graph.increment_version(logits)
             ctx.dlogits = logits
             ctx.save_for_backward(None, target, weight, lse, grad_loss)
         else:
-            loss, lse, ctx.dlogits = torch.ops.fusedce.cross_entropy_forward_with_grad(
-                logits, target, weight, grad_loss, *options)
+            loss, lse, ctx.dlogits = ops.op("cross_entropy_forward_with_grad", backend)(logits, target, weight,
+                                                                                        grad_loss, *options)
             ctx.save_for_backward(logits, target, weight, lse, grad_loss)
         ctx.options = options
         total = loss.sum()
@@ -102,11 +106,11 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
         backend = ctx.options[-1]
         if ctx.dlogits is not None:
             dlogits, ctx.dlogits = ctx.dlogits, None
-            backends.get(backend).scale_(dlogits, grad_output)
+            ops.op("scale_", backend)(dlogits, grad_output, backend)
             return dlogits, None, None, None, None, None
         logits, target, weight, lse, grad_loss = ctx.saved_tensors
         if logits is None:
             raise RuntimeError(_SECOND_INPLACE_BACKWARD)
-        dlogits = torch.ops.fusedce.cross_entropy_backward(grad_loss * grad_output, logits, target, weight, lse,
-                                                           *ctx.options)
+        dlogits = ops.op("cross_entropy_backward", backend)(grad_loss * grad_output, logits, target, weight, lse,
+                                                            *ctx.options)
         return dlogits, None, None, None, None, None

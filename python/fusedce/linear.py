@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import backends, checks
+from . import backends, checks, ops
 from .api import _mean_denominator
 from .options import accumulation_dtype
 
@@ -94,8 +94,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             losses, lses = [], []
             for start in range(0, tokens, chunk):
                 logits = _chunk_logits(input[start:start + chunk], weight, bias)
-                loss, lse = torch.ops.fusedce.cross_entropy_forward(logits, target[start:start + chunk],
-                                                                    class_weight, *options)
+                loss, lse = ops.op("cross_entropy_forward", options[-1])(logits, target[start:start + chunk],
+                                                                         class_weight, *options)
                 losses.append(loss)
                 lses.append(lse)
             ctx.lse = torch.cat(lses) if lses else torch.empty(0, dtype=acc, device=input.device)
@@ -112,7 +112,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         for start in range(0, tokens, chunk):
             x = input[start:start + chunk]
             logits = _chunk_logits(x, weight, bias)
-            loss, lse = torch.ops.fusedce.cross_entropy_forward_with_grad_(
+            loss, lse = ops.op("cross_entropy_forward_with_grad_", options[-1])(
                 logits, target[start:start + chunk], class_weight, row_scale.expand(x.shape[0]), *options)
             total += loss.sum()
             lses.append(lse)
@@ -126,12 +126,11 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_output):
         input, weight, bias, target, class_weight = ctx.saved_tensors
-        backend = backends.get(ctx.options[-1])
         if ctx.grads is not None:  # computed in the forward: rescale in place and hand out once
             grads, ctx.grads = ctx.grads, None
             for g in grads:
                 if g is not None:
-                    backend.scale_(g.view(-1, g.shape[-1]), grad_output)
+                    ops.op("scale_", ctx.options[-1])(g.view(-1, g.shape[-1]), grad_output, ctx.options[-1])
             return (*grads, None, None, None, None, None, None)
         # "none", or a second backward through a retained graph: recompute chunk by chunk
         if ctx.reduction == "none":
@@ -143,8 +142,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             stop = start + ctx.chunk
             x = input[start:stop]
             logits = _chunk_logits(x, weight, bias)
-            torch.ops.fusedce.cross_entropy_backward_(row_grad[start:stop], logits, target[start:stop],
-                                                      class_weight, ctx.lse[start:stop], *ctx.options)
+            ops.op("cross_entropy_backward_", ctx.options[-1])(row_grad[start:stop], logits, target[start:stop],
+                                                               class_weight, ctx.lse[start:stop], *ctx.options)
             grads.add_chunk(logits, x, weight, start)
         return (*grads.finish(weight, bias), None, None, None, None, None, None)
 

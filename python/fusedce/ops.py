@@ -6,11 +6,19 @@ opt-in in-place backward), their fake (meta) implementations, and the autograd r
     fusedce::cross_entropy_backward_(grad_loss, logits!, ...) -> ()   writes dlogits into logits
     fusedce::cross_entropy_forward_with_grad(logits, target, weight?, grad_loss, ...) -> (loss, lse, dlogits)
     fusedce::cross_entropy_forward_with_grad_(logits!, ...) -> (loss, lse)   gradient into logits
+    fusedce::scale_(grad!, scale, backend) -> ()   the fused mode's backward, grad *= scale
 
 target is int64 class indices [R] or class probabilities [R, V]; loss and lse are fp32 (fp64 for
-fp64 logits); softcap 0 means off; backend is a concrete backend name (see backends.resolve)."""
+fp64 logits); softcap 0 means off; backend is a concrete backend name (see backends.resolve).
+
+Each op also exists as fusedce::triton_<name>, registered with torch.library.triton_op where the
+installed torch has it and Triton compiles the kernels (not its interpreter): torch.compile and
+torch.export trace into it and see the Triton kernels instead of an opaque call. The API calls
+op(name, backend), which picks it for the "triton" backend; fusedce::<name> with backend="triton"
+forwards to it."""
 from __future__ import annotations
 
+import functools
 from typing import Optional, Tuple
 
 import torch
@@ -18,6 +26,43 @@ from torch import Tensor
 
 from . import backends
 from .options import Options, accumulation_dtype, softcapped
+
+
+def _triton_traceable() -> bool:
+    """Whether torch.compile can trace into the Triton kernels: torch has triton_op, and the kernels are
+    compiled by Triton (under TRITON_INTERPRET=1, wrap_triton hands back the interpreted function, which
+    cannot run on the fake tensors that tracing uses)."""
+    if not hasattr(torch.library, "triton_op") or backends.triton_unavailable_reason():
+        return False
+    import triton
+
+    from .triton_kernels import cross_entropy as kernels
+    return isinstance(kernels.cross_entropy_kernel, triton.runtime.JITFunction)
+
+
+TRITON_TRACEABLE = _triton_traceable()
+
+
+def _define(fn, mutates_args, fake):
+    """Registers fn as the custom op fusedce::<fn name> with its fake implementation and, when
+    TRITON_TRACEABLE, as the triton_op fusedce::triton_<fn name>, which the first forwards "triton" calls to
+    (it runs its kernels without the dispatch overhead that wrap_triton adds outside an op)."""
+    name = fn.__name__
+    traceable = torch.library.triton_op(f"fusedce::triton_{name}", fn, mutates_args=mutates_args) if (
+        TRITON_TRACEABLE) else None
+
+    @functools.wraps(fn)  # the schema comes from fn's signature; the dispatcher passes arguments by position
+    def impl(*args):
+        return traceable(*args) if traceable is not None and args[-1] == "triton" else fn(*args)
+
+    custom = torch.library.custom_op(f"fusedce::{name}", impl, mutates_args=mutates_args)
+    custom.register_fake(fake)
+    return custom
+
+
+def op(name: str, backend: str):
+    """The op `name` that serves `backend`: fusedce::triton_<name> for Triton where it exists."""
+    return getattr(torch.ops.fusedce, f"triton_{name}" if backend == "triton" and TRITON_TRACEABLE else name)
 
 
 def _check_op_inputs(logits: Tensor, target: Tensor, weight: Optional[Tensor], grad_loss: Optional[Tensor] = None,
@@ -53,7 +98,6 @@ def _check_op_inputs(logits: Tensor, target: Tensor, weight: Optional[Tensor], g
         raise ValueError("all tensors must be on the logits' device")
 
 
-@torch.library.custom_op("fusedce::cross_entropy_forward", mutates_args=())
 def cross_entropy_forward(logits: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
                           label_smoothing: float, z_loss: float, softcap: float,
                           backend: str) -> Tuple[Tensor, Tensor]:
@@ -68,12 +112,9 @@ def _fake_forward(logits):
     return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
 
 
-@cross_entropy_forward.register_fake
-def _(logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend):
-    return _fake_forward(logits)
+cross_entropy_forward = _define(cross_entropy_forward, (), lambda logits, *args: _fake_forward(logits))
 
 
-@torch.library.custom_op("fusedce::cross_entropy_backward", mutates_args=())
 def cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
                            lse: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
                            softcap: float, backend: str) -> Tensor:
@@ -84,12 +125,10 @@ def cross_entropy_backward(grad_loss: Tensor, logits: Tensor, target: Tensor, we
     return dlogits
 
 
-@cross_entropy_backward.register_fake
-def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, backend):
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+cross_entropy_backward = _define(cross_entropy_backward, (), lambda grad_loss, logits, *args: torch.empty(
+    logits.shape, dtype=logits.dtype, device=logits.device))
 
 
-@torch.library.custom_op("fusedce::cross_entropy_backward_", mutates_args=("logits",))
 def cross_entropy_backward_(grad_loss: Tensor, logits: Tensor, target: Tensor, weight: Optional[Tensor],
                             lse: Tensor, ignore_index: int, label_smoothing: float, z_loss: float,
                             softcap: float, backend: str) -> None:
@@ -100,12 +139,9 @@ def cross_entropy_backward_(grad_loss: Tensor, logits: Tensor, target: Tensor, w
     backends.get(backend).backward(grad_loss, logits, target, weight, lse, opts, logits)
 
 
-@cross_entropy_backward_.register_fake
-def _(grad_loss, logits, target, weight, lse, ignore_index, label_smoothing, z_loss, softcap, backend):
-    return None
+cross_entropy_backward_ = _define(cross_entropy_backward_, ("logits",), lambda *args: None)
 
 
-@torch.library.custom_op("fusedce::cross_entropy_forward_with_grad", mutates_args=())
 def cross_entropy_forward_with_grad(logits: Tensor, target: Tensor, weight: Optional[Tensor], grad_loss: Tensor,
                                     ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
                                     backend: str) -> Tuple[Tensor, Tensor, Tensor]:
@@ -117,13 +153,10 @@ def cross_entropy_forward_with_grad(logits: Tensor, target: Tensor, weight: Opti
     return loss, lse, dlogits
 
 
-@cross_entropy_forward_with_grad.register_fake
-def _(logits, target, weight, grad_loss, ignore_index, label_smoothing, z_loss, softcap, backend):
-    loss, lse = _fake_forward(logits)
-    return loss, lse, torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+cross_entropy_forward_with_grad = _define(cross_entropy_forward_with_grad, (), lambda logits, *args: (
+    *_fake_forward(logits), torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)))
 
 
-@torch.library.custom_op("fusedce::cross_entropy_forward_with_grad_", mutates_args=("logits",))
 def cross_entropy_forward_with_grad_(logits: Tensor, target: Tensor, weight: Optional[Tensor], grad_loss: Tensor,
                                      ignore_index: int, label_smoothing: float, z_loss: float, softcap: float,
                                      backend: str) -> Tuple[Tensor, Tensor]:
@@ -133,9 +166,20 @@ def cross_entropy_forward_with_grad_(logits: Tensor, target: Tensor, weight: Opt
     return backends.get(backend).forward(logits, target, weight, opts, grad_loss, logits)
 
 
-@cross_entropy_forward_with_grad_.register_fake
-def _(logits, target, weight, grad_loss, ignore_index, label_smoothing, z_loss, softcap, backend):
-    return _fake_forward(logits)
+cross_entropy_forward_with_grad_ = _define(cross_entropy_forward_with_grad_, ("logits",),
+                                           lambda logits, *args: _fake_forward(logits))
+
+
+def scale_(grad: Tensor, scale: Tensor, backend: str) -> None:
+    """grad ([R, V], unit class stride) *= scale (0-d), skipped on the device when scale is 1: the fused
+    mode's backward."""
+    if grad.dim() != 2 or (grad.stride(1) != 1 and grad.shape[1] > 1) or scale.dim() != 0:
+        raise ValueError(f"scale_ takes a [rows, V] gradient with unit class stride and a 0-d scale, got "
+                         f"{tuple(grad.shape)} with strides {grad.stride()} and a scale of shape {tuple(scale.shape)}")
+    backends.get(backend).scale_(grad, scale)
+
+
+scale_ = _define(scale_, ("grad",), lambda *args: None)
 
 
 # ---- autograd ---------------------------------------------------------------------------------
@@ -168,10 +212,10 @@ def input_grads(needs_input_grad, saved, grad_loss, grad_lse, options, inplace: 
         if grad_lse is not None:
             lse_term = _lse_grad(grad_lse.to(acc), logits, lse, softcap).to(logits.dtype)
         if inplace:
-            torch.ops.fusedce.cross_entropy_backward_(grad_loss, logits, target, weight, lse, *options)
+            op("cross_entropy_backward_", backend)(grad_loss, logits, target, weight, lse, *options)
             dlogits = logits if lse_term is None else logits.add_(lse_term)
         else:
-            dlogits = torch.ops.fusedce.cross_entropy_backward(grad_loss, logits, target, weight, lse, *options)
+            dlogits = op("cross_entropy_backward", backend)(grad_loss, logits, target, weight, lse, *options)
             dlogits = dlogits if lse_term is None else dlogits.add_(lse_term)
     return dlogits, dtarget, None
 
@@ -195,4 +239,5 @@ def _backward(ctx, grad_loss, grad_lse):
     return grads + (None,) * 5
 
 
-torch.library.register_autograd("fusedce::cross_entropy_forward", _backward, setup_context=_setup_context)
+for _op in ("cross_entropy_forward",) + (("triton_cross_entropy_forward",) if TRITON_TRACEABLE else ()):
+    torch.library.register_autograd(f"fusedce::{_op}", _backward, setup_context=_setup_context)
