@@ -12,8 +12,8 @@ target is int64 class indices [R] or class probabilities [R, V]; loss and lse ar
 fp64 logits); softcap 0 means off; backend is a concrete backend name (see backends.resolve).
 
 Each op also exists as fusedce::triton_<name>, registered with torch.library.triton_op where the
-installed torch has it and Triton compiles the kernels (not its interpreter): torch.compile and
-torch.export trace into it and see the Triton kernels instead of an opaque call. The API calls
+installed torch has it and Triton compiles the kernels (not its interpreter): torch.compile traces
+into it and sees the Triton kernels instead of an opaque call. The API calls
 op(name, backend), which picks it for the "triton" backend; fusedce::<name> with backend="triton"
 forwards to it."""
 from __future__ import annotations

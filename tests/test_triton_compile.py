@@ -1,0 +1,72 @@
+"""The Triton kernels compiled by Triton's real compiler, down to a cubin for sm_80 and sm_90, without a GPU.
+
+Everywhere else on a CPU they run in Triton's interpreter, which executes them with numpy and accepts
+code the compiler rejects (a loop-carried value whose type changes, an unsupported cast).
+Each case compiles one specialisation the launcher can produce: forward, backward or fused; each
+option flag; each logits dtype; the block sizes and warp counts of launch_config. Runs in a fresh
+process, since this one imported the kernels in interpreter mode."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+
+_FLAGS = ("SOFT", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
+
+# (mode, set flags, logits dtype, soft-target dtype, BLOCK_V, num_warps, arch)
+CASES = [
+    ("fwd", (), "fp32", None, 4096, 16, 90),
+    ("bwd", (), "bf16", None, 8192, 16, 90),
+    ("fused", (), "fp16", None, 8192, 16, 80),
+    ("fwd", ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"), "bf16", None, 1024, 4, 90),
+    ("bwd", ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"), "fp32", None, 64, 4, 80),
+    ("fused", ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"), "bf16", None, 8192, 16, 90),
+    ("fwd", _FLAGS, "fp32", "bf16", 2048, 8, 90),
+    ("bwd", _FLAGS, "bf16", "fp32", 1, 4, 90),  # vocabulary 1
+    ("fused", ("SOFT",), "fp16", "fp16", 4096, 16, 80),
+]
+
+_COMPILE = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fusedce.triton_kernels import cross_entropy as kernels
+
+assert isinstance(kernels.cross_entropy_kernel, triton.runtime.JITFunction), "TRITON_INTERPRET is set"
+mode, flags, dtype, soft_dtype, block, warps, arch = json.loads(sys.argv[1])
+forward, backward = mode in ("fwd", "fused"), mode in ("bwd", "fused")
+pointers = {"logits_ptr": dtype, "target_ptr": soft_dtype or "i64", "weight_ptr": "fp32", "weight_sum_ptr": "fp32",
+            "loss_ptr": "fp32", "lse_ptr": "fp32", "grad_loss_ptr": "fp32", "dlogits_ptr": dtype}
+scalars = {"V": "i32", "ignore_index": "i64", "label_smoothing": "fp32", "z_loss": "fp32", "softcap": "fp32"}
+constexprs = {"SOFT": "SOFT" in flags, "HAS_WEIGHT": "HAS_WEIGHT" in flags, "HAS_SMOOTHING": "HAS_SMOOTHING" in flags,
+              "HAS_SOFTCAP": "HAS_SOFTCAP" in flags, "FORWARD": forward, "BACKWARD": backward, "BLOCK_V": block}
+signature = {}
+for name in kernels.cross_entropy_kernel.arg_names:
+    if name in constexprs:
+        signature[name] = "constexpr"
+    elif name in pointers:
+        signature[name] = "*" + pointers[name]
+    else:
+        signature[name] = scalars.get(name, "i64")  # strides
+target = GPUTarget("cuda", arch, 32)
+compiled = triton.compile(ASTSource(kernels.cross_entropy_kernel, signature, constexprs), target=target,
+                          options={"num_warps": warps})
+scale = triton.compile(ASTSource(kernels.scale_kernel, {"grad_ptr": "*" + dtype, "scale_ptr": "*fp32", "V": "i32",
+                                                        "row_stride": "i64", "BLOCK_V": "constexpr"},
+                                 {"BLOCK_V": min(block, 4096)}), target=target)
+print(json.dumps({"cubin_bytes": len(compiled.asm["cubin"]), "scale_cubin_bytes": len(scale.asm["cubin"])}))
+"""
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}-{'+'.join(c[1]) or 'plain'}-{c[2]}-B{c[4]}-sm{c[6]}")
+def test_kernel_compiles_for_the_gpu(case):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", _COMPILE, json.dumps(case)], env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-4000:]
+    sizes = json.loads(run.stdout.strip().splitlines()[-1])
+    assert sizes["cubin_bytes"] > 0 and sizes["scale_cubin_bytes"] > 0
