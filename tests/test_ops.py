@@ -107,15 +107,16 @@ import fusedce
 from fusedce import ops
 from fusedce.function import FusedCrossEntropyFunction
 assert ops.TRITON_TRACEABLE
-x = torch.randn(6, 50, device="meta", requires_grad=True)  # tracing needs shapes, not a GPU
-t = torch.randint(0, 50, (6,), device="meta")
 options = (-100, 0.1, 1e-4, 30.0, "triton")
 steps = {"separate": lambda x, t: fusedce.CrossEntropyFunction.apply(x, t, None, *options, False, False).sum(),
          "fused": lambda x, t: FusedCrossEntropyFunction.apply(x, t, None, None, options, False) * 2.0}
 graphs = {}
 for name, step in steps.items():
     recorder = AotEagerAndRecordGraphs()
-    torch.compile(step, fullgraph=True, backend=recorder)(x, t).backward()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True, backend=recorder)
+    for rows in (6, 9):  # one graph serves both (dynamo turns sizes dynamic after a recompile anyway)
+        x = torch.randn(rows, 50, device="meta", requires_grad=True)  # tracing needs shapes, not a GPU
+        compiled(x, torch.randint(0, 50, (rows,), device="meta")).backward()
     graphs[name] = [[re.findall(r"tensors_to_clone = \\[([^\\]]*)\\]", g.code) for g in recorder.fw_graphs],
                     [re.findall(r"tensors_to_clone = \\[([^\\]]*)\\]", g.code) for g in recorder.bw_graphs],
                     [g.code for g in recorder.fw_graphs + recorder.bw_graphs]]
@@ -125,10 +126,10 @@ print(json.dumps(graphs))
 
 @pytest.mark.skipif(not hasattr(torch.library, "triton_op"), reason="torch.library.triton_op needs torch >= 2.6")
 def test_compile_traces_into_the_triton_kernels():
-    """torch.compile sees the Triton kernels of the "triton" backend, not an opaque op, one kernel call
-    per graph, and knows from the kernels' code that they write only their outputs (a graph that
-    thought the logits were written would copy them every step). Traced on meta tensors in a process
-    without TRITON_INTERPRET (the interpreter's kernels cannot be traced)."""
+    """torch.compile sees the Triton kernels of the "triton" backend, not an opaque op: one kernel call
+    per graph, one graph for any number of rows, and only the outputs written, as torch reads from the
+    kernels' code (a graph that thought the logits were written would copy them every step). Traced on
+    meta tensors in a process without TRITON_INTERPRET (the interpreter's kernels cannot be traced)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     run = subprocess.run([sys.executable, "-c", _TRACE_TRITON], env=env, capture_output=True, text=True, timeout=300)
