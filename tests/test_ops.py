@@ -11,7 +11,7 @@ from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 import fusedce
 from fusedce import ops
-from conftest import device_of
+from conftest import DEVICE, device_of
 from reference import assert_close, reference_loss, to64
 
 OPTION_SETS = [(-100, 0.0, 0.0, 0.0), (3, 0.1, 1e-3, 4.0)]
@@ -79,8 +79,8 @@ def _compiled_graphs(fn, *args):
 @pytest.mark.parametrize("fused", [False, True])
 def test_compiled_backward_is_one_kernel_call(backend, fused):
     """torch.compile gives an output the caller drops a zero gradient, not None: the API returns no lse it
-    was not asked for, so the backward does not spend a softmax pass over the logits on it. The fused
-    mode compiles too (its backward is the scale_ op)."""
+    was not asked for, so the backward does not spend a softmax pass over the logits on it. fused=True
+    is ignored under torch.compile (a compiled backward would copy the forward's gradient)."""
     device = device_of(backend)
     x = torch.randn(6, 50, device=device, requires_grad=True)
     target = torch.randint(0, 50, (6,), device=device)
@@ -107,6 +107,9 @@ import fusedce
 from fusedce import ops
 from fusedce.function import FusedCrossEntropyFunction
 assert ops.TRITON_TRACEABLE
+for op in ("cross_entropy_forward", "cross_entropy_backward", "cross_entropy_backward_", "scale_",
+           "cross_entropy_forward_with_grad", "cross_entropy_forward_with_grad_"):
+    assert torch._library.triton.get_triton_kernels_for_op("fusedce::triton_" + op), op  # compile caches hash them
 options = (-100, 0.1, 1e-4, 30.0, "triton")
 steps = {"separate": lambda x, t: fusedce.CrossEntropyFunction.apply(x, t, None, *options, False, False).sum(),
          "fused": lambda x, t: FusedCrossEntropyFunction.apply(x, t, None, None, options, False) * 2.0}
@@ -140,6 +143,18 @@ def test_compile_traces_into_the_triton_kernels():
     for name, (fwd, bwd, code) in graphs.items():
         assert (fwd, bwd) == written[name], (name, code)
         assert not any("fusedce." in c for c in code), (name, code)  # no opaque fusedce op left
+
+
+@pytest.mark.skipif(not ops.TRITON_TRACEABLE, reason="no compiled Triton ops here (CPU tensors run in the interpreter)")
+def test_plain_ops_forward_triton_calls_to_the_triton_ops():
+    logits = torch.randn(5, 300, device=DEVICE)
+    target = torch.randint(0, 300, (5,), device=DEVICE)
+    args = (logits, target, None, -100, 0.1, 1e-3, 0.0, "triton")
+    plain = torch.ops.fusedce.cross_entropy_forward(*args)
+    traced = torch.ops.fusedce.triton_cross_entropy_forward(*args)
+    assert all(torch.equal(a, b) for a, b in zip(plain, traced))
+    assert_close(plain[0], reference_loss(to64(logits), target, reduction="none", label_smoothing=0.1, z_loss=1e-3),
+                 torch.float32)
 
 
 def test_inplace_backward_matches_and_reuses_memory(backend):

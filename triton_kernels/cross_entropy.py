@@ -195,8 +195,15 @@ def scale_kernel(grad_ptr, scale_ptr, V, row_stride, BLOCK_V: tl.constexpr):
 
 # ---- launch helpers ------------------------------------------------------------------------------
 
-# Inside fusedce's torch.library.triton_op ops, wrap_triton lets torch.compile trace the launch (torch >= 2.6).
-_traceable = getattr(torch.library, "wrap_triton", lambda kernel: kernel)
+KERNELS = (cross_entropy_kernel, scale_kernel)
+COMPILED = isinstance(cross_entropy_kernel, triton.runtime.JITFunction)  # False under TRITON_INTERPRET=1
+
+
+def _traceable(kernel):
+    """The kernel launched through wrap_triton, which lets torch.compile trace the launch inside fusedce's
+    triton_op ops, where torch has it (>= 2.6) and Triton compiles the kernel (torch before 2.13 rejects
+    the interpreter's kernels)."""
+    return torch.library.wrap_triton(kernel) if COMPILED and hasattr(torch.library, "wrap_triton") else kernel
 
 
 def launch_config(vocab: int, element_size: int, device: torch.device):

@@ -39,7 +39,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         in the fused mode this happens in the forward, so the logits hold their gradient from then on.
     fused: compute the logits' gradient during the forward (see FusedCrossEntropyFunction). None (the
         default) turns it on when it applies: a "mean" or "sum" loss in eager mode whose logits
-        require grad and no return_lse. The gradient's memory is then taken at the forward.
+        require grad and no return_lse. The gradient's memory is then taken at the forward. Ignored
+        under torch.compile, whose backward would copy that gradient before rescaling it.
     backend: "auto" | "cpu" | "cuda" | "triton" | "torch".
 
     "mean" divides by the summed weight of the non-ignored targets (the number of rows for class
@@ -64,16 +65,16 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     out_dtype = torch.result_type(input, target) if soft else input.dtype
     if fused is None:
         fused = (reduction != "none" and not return_lse and input.requires_grad and torch.is_grad_enabled()
-                 and not torch.compiler.is_compiling() and not (soft and target.requires_grad))
-    if fused:
-        if reduction == "none" or return_lse or (soft and target.requires_grad):
-            raise ValueError("fused=True needs reduction 'mean' or 'sum', return_lse=False and a target that "
-                             "does not require grad: only the logits' gradient of the reduced loss is computed")
+                 and not (soft and target.requires_grad))
+    if fused and (reduction == "none" or return_lse or (soft and target.requires_grad)):
+        raise ValueError("fused=True needs reduction 'mean' or 'sum', return_lse=False and a target that "
+                         "does not require grad: only the logits' gradient of the reduced loss is computed")
+    # a compiled backward copies the gradient saved by the forward before rescaling it: 4 passes, not 3
+    if fused and not torch.compiler.is_compiling():
         denominator = None if reduction == "sum" else (
             torch.full((), logits.shape[0], dtype=acc, device=logits.device) if soft  # no host-to-device copy
             else _mean_denominator(rows_target, w, ignore_index, acc))
-        inplace = inplace_backward and not torch.compiler.is_compiling()
-        result = FusedCrossEntropyFunction.apply(logits, rows_target, w, denominator, options, inplace)
+        result = FusedCrossEntropyFunction.apply(logits, rows_target, w, denominator, options, inplace_backward)
         return result.to(out_dtype)
 
     out = CrossEntropyFunction.apply(logits, rows_target, w, *options, inplace_backward, return_lse)

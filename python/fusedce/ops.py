@@ -28,19 +28,17 @@ from . import backends
 from .options import Options, accumulation_dtype, softcapped
 
 
-def _triton_traceable() -> bool:
-    """Whether torch.compile can trace into the Triton kernels: torch has triton_op, and the kernels are
-    compiled by Triton (under TRITON_INTERPRET=1, wrap_triton hands back the interpreted function, which
-    cannot run on the fake tensors that tracing uses)."""
+def _traceable_triton_kernels():
+    """The Triton kernels' module when torch.compile can trace into them, else None: torch has triton_op,
+    and Triton compiles the kernels (the interpreter's cannot run on the fake tensors of tracing)."""
     if not hasattr(torch.library, "triton_op") or backends.triton_unavailable_reason():
-        return False
-    import triton
-
+        return None
     from .triton_kernels import cross_entropy as kernels
-    return isinstance(kernels.cross_entropy_kernel, triton.runtime.JITFunction)
+    return kernels if kernels.COMPILED else None
 
 
-TRITON_TRACEABLE = _triton_traceable()
+_TRITON_KERNELS = _traceable_triton_kernels()
+TRITON_TRACEABLE = _TRITON_KERNELS is not None
 
 
 def _define(fn, mutates_args, fake):
@@ -48,8 +46,13 @@ def _define(fn, mutates_args, fake):
     TRITON_TRACEABLE, as the triton_op fusedce::triton_<fn name>, which the first forwards "triton" calls to
     (it runs its kernels without the dispatch overhead that wrap_triton adds outside an op)."""
     name = fn.__name__
-    traceable = torch.library.triton_op(f"fusedce::triton_{name}", fn, mutates_args=mutates_args) if (
-        TRITON_TRACEABLE) else None
+    traceable = None
+    if TRITON_TRACEABLE:
+        traceable = torch.library.triton_op(f"fusedce::triton_{name}", fn, mutates_args=mutates_args)
+        # torch finds a triton_op's kernels by reading its source for wrap_triton calls, which the backend
+        # dispatch hides; its compile cache hashes their source, so name them (in torch's private table)
+        kernels_of_op = getattr(torch._library.triton, "triton_ops_to_kernels", {})
+        kernels_of_op[f"fusedce::triton_{name}"] = list(_TRITON_KERNELS.KERNELS)
 
     @functools.wraps(fn)  # the schema comes from fn's signature; the dispatcher passes arguments by position
     def impl(*args):
