@@ -98,6 +98,9 @@ def test_cuda_errors_reach_python_with_their_message():
     (dict(threads=48), "invalid launch"),
     (dict(layout=_native_cuda.BLOCK_PER_ROW_CACHED), "invalid launch"),  # only for the fused mode
     (dict(splits=4), "invalid launch"),  # a split forward needs its workspace
+    (dict(splits=0, workspace=16), "invalid launch"),
+    (dict(dlogits=8, dlogits_row_stride=100), "different offsets from a 16-byte boundary"),
+    (dict(dlogits=16, dlogits_row_stride=101), "different offsets from a 16-byte boundary"),  # 4-byte rows apart
     (dict(vocab=1 << 30), "1073741824 classes; at most 2\\^30 - 1 are supported"),
     (dict(dtype=3), "unsupported dtype code 3"),
 ])

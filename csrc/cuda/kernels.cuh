@@ -509,12 +509,14 @@ __global__ void finalize_kernel(Params p, int splits) {
 // grad[row, :] *= *scale, returning at once when the scale is 1: the check happens on the device, so
 // the fused mode's backward costs nothing in the common case and never syncs the host.
 template <typename T>
-__global__ void scale_kernel(T* grad, int64_t vocab, int64_t row_stride, const float* scale_ptr) {
+__global__ void scale_kernel(T* grad, int64_t rows, int64_t vocab, int64_t row_stride, const float* scale_ptr) {
   const float scale = *scale_ptr;
   if (scale == 1.f) return;
-  T* row = grad + int64_t(blockIdx.x) * row_stride;
-  for (int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; j < vocab; j += int64_t(gridDim.y) * blockDim.x)
-    row[j] = from_float<T>(to_float(row[j]) * scale);
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {  // grid.x is capped: rows may exceed 2^31
+    T* row = grad + r * row_stride;
+    for (int64_t j = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; j < vocab; j += int64_t(gridDim.y) * blockDim.x)
+      row[j] = from_float<T>(to_float(row[j]) * scale);
+  }
 }
 
 // ---- host side of one dtype (instantiated in kernels_<dtype>.cu) ----------------------------------
@@ -563,8 +565,9 @@ void launch_scale(void* grad, int64_t rows, int64_t vocab, int64_t row_stride, c
                   cudaStream_t stream) {
   constexpr int kThreads = 256;
   const int64_t col_blocks = std::min<int64_t>((vocab + kThreads * 8 - 1) / (kThreads * 8), 65535);
-  scale_kernel<T><<<dim3(unsigned(rows), unsigned(col_blocks)), kThreads, 0, stream>>>(static_cast<T*>(grad), vocab,
-                                                                                       row_stride, scale);
+  const int64_t row_blocks = std::min<int64_t>(rows, 0x7fffffff);
+  scale_kernel<T><<<dim3(unsigned(row_blocks), unsigned(col_blocks)), kThreads, 0, stream>>>(
+      static_cast<T*>(grad), rows, vocab, row_stride, scale);
 }
 
 // One instantiation per logits dtype, in kernels_<dtype>.cu; launch.cu declares them and picks by dtype code.

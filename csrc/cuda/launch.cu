@@ -74,12 +74,20 @@ void check_launch(const Params& p, const Launch& l, bool forward, bool fused) {
                          (l.layout == kBlockPerRowCached && fused && !is_general(p) && l.vectorized &&
                           l.splits == 1 && p.vocab <= int64_t(kCachePacks) * l.threads * (16 / element_size(p.dtype)));
   // the forward merges the segments' states in the workspace; the backward's segments are independent
-  const bool splits_ok = l.splits == 1 || (l.layout == kBlockPerRow && l.splits <= 65535 &&
+  const bool splits_ok = l.splits == 1 || (l.layout == kBlockPerRow && l.splits > 1 && l.splits <= 65535 &&
                                            (p.workspace || !forward) && p.target_prob == nullptr);
+  // 16-byte packs of a row of logits and of dlogits must start at the same offset from a 16-byte boundary
+  const int64_t es = element_size(p.dtype);
+  const bool packs_ok = !l.vectorized || p.dlogits == nullptr ||
+                        ((reinterpret_cast<uintptr_t>(p.logits) - reinterpret_cast<uintptr_t>(p.dlogits)) % 16 == 0 &&
+                         (p.rows <= 1 || (p.logits_row_stride - p.dlogits_row_stride) * es % 16 == 0));
   // 32-bit column indices, with room for a grid's worth of threads past the end
   if (p.vocab >= (int64_t(1) << 30))
     throw std::invalid_argument("fusedce CUDA kernels: " + std::to_string(p.vocab) +
                                 " classes; at most 2^30 - 1 are supported");
+  if (!packs_ok)
+    throw std::invalid_argument("fusedce CUDA kernels: vectorized launch with logits and dlogits rows at different "
+                                "offsets from a 16-byte boundary");
   if (!threads_ok || !layout_ok || !splits_ok || l.blocks < 1 || l.blocks > 0x7fffffff)
     throw std::invalid_argument("fusedce CUDA kernels: invalid launch (layout " + std::to_string(l.layout) +
                                 ", threads " + std::to_string(l.threads) + ", blocks " + std::to_string(l.blocks) +
