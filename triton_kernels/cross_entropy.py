@@ -197,13 +197,10 @@ def scale_kernel(grad_ptr, scale_ptr, V, row_stride, BLOCK_V: tl.constexpr):
 
 KERNELS = (cross_entropy_kernel, scale_kernel)
 COMPILED = isinstance(cross_entropy_kernel, triton.runtime.JITFunction)  # False under TRITON_INTERPRET=1
-
-
-def _traceable(kernel):
-    """The kernel launched through wrap_triton, which lets torch.compile trace the launch inside fusedce's
-    triton_op ops, where torch has it (>= 2.6) and Triton compiles the kernel (torch before 2.13 rejects
-    the interpreter's kernels)."""
-    return torch.library.wrap_triton(kernel) if COMPILED and hasattr(torch.library, "wrap_triton") else kernel
+# Launches go through wrap_triton, which lets torch.compile trace them inside fusedce's triton_op ops, where
+# torch has it (>= 2.6) and Triton compiles the kernels (torch before 2.13 rejects the interpreter's).
+_traceable = torch.library.wrap_triton if COMPILED and hasattr(torch.library, "wrap_triton") else (
+    lambda kernel: kernel)
 
 
 def launch_config(vocab: int, element_size: int, device: torch.device):

@@ -42,7 +42,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, target, weight, ignore_index, label_smoothing, z_loss, softcap, backend,
                 inplace_backward=False, return_lse=True):
         options = (ignore_index, label_smoothing, z_loss, softcap, backend)
-        loss, lse = ops.op("cross_entropy_forward", backend)(logits, target, weight, *options)
+        loss, lse = ops.call("cross_entropy_forward", logits, target, weight, *options)
         ctx.inplace = bool(inplace_backward) and not torch.compiler.is_compiling()
         if ctx.inplace:
             _check_inplace_allowed(logits)
@@ -85,16 +85,15 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
         rows = logits.shape[0]
         one = torch.ones((), dtype=accumulation_dtype(logits.dtype), device=logits.device)
         grad_loss = (one / denominator if denominator is not None else one).expand(rows)
-        backend = options[-1]
         if inplace:
             _check_inplace_allowed(logits)
-            loss, lse = ops.op("cross_entropy_forward_with_grad_", backend)(logits, target, weight, grad_loss, *options)
+            loss, lse = ops.call("cross_entropy_forward_with_grad_", logits, target, weight, grad_loss, *options)
             torch.autograd.graph.increment_version(logits)
             ctx.dlogits = logits
             ctx.save_for_backward(None, target, weight, lse, grad_loss)
         else:
-            loss, lse, ctx.dlogits = ops.op("cross_entropy_forward_with_grad", backend)(logits, target, weight,
-                                                                                        grad_loss, *options)
+            loss, lse, ctx.dlogits = ops.call("cross_entropy_forward_with_grad", logits, target, weight, grad_loss,
+                                              *options)
             ctx.save_for_backward(logits, target, weight, lse, grad_loss)
         ctx.options = options
         total = loss.sum()
@@ -106,11 +105,11 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
         backend = ctx.options[-1]
         if ctx.dlogits is not None:
             dlogits, ctx.dlogits = ctx.dlogits, None
-            ops.op("scale_", backend)(dlogits, grad_output, backend)
+            ops.call("scale_", dlogits, grad_output, backend)
             return dlogits, None, None, None, None, None
         logits, target, weight, lse, grad_loss = ctx.saved_tensors
         if logits is None:
             raise RuntimeError(_SECOND_INPLACE_BACKWARD)
-        dlogits = ops.op("cross_entropy_backward", backend)(grad_loss * grad_output, logits, target, weight, lse,
-                                                            *ctx.options)
+        dlogits = ops.call("cross_entropy_backward", grad_loss * grad_output, logits, target, weight, lse,
+                           *ctx.options)
         return dlogits, None, None, None, None, None

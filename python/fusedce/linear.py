@@ -94,8 +94,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             losses, lses = [], []
             for start in range(0, tokens, chunk):
                 logits = _chunk_logits(input[start:start + chunk], weight, bias)
-                loss, lse = ops.op("cross_entropy_forward", options[-1])(logits, target[start:start + chunk],
-                                                                         class_weight, *options)
+                loss, lse = ops.call("cross_entropy_forward", logits, target[start:start + chunk], class_weight,
+                                      *options)
                 losses.append(loss)
                 lses.append(lse)
             ctx.lse = torch.cat(lses) if lses else torch.empty(0, dtype=acc, device=input.device)
@@ -112,8 +112,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         for start in range(0, tokens, chunk):
             x = input[start:start + chunk]
             logits = _chunk_logits(x, weight, bias)
-            loss, lse = ops.op("cross_entropy_forward_with_grad_", options[-1])(
-                logits, target[start:start + chunk], class_weight, row_scale.expand(x.shape[0]), *options)
+            loss, lse = ops.call("cross_entropy_forward_with_grad_", logits, target[start:start + chunk],
+                                 class_weight, row_scale.expand(x.shape[0]), *options)
             total += loss.sum()
             lses.append(lse)
             grads.add_chunk(logits, x, weight, start)  # the logits now hold their gradient
@@ -130,7 +130,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             grads, ctx.grads = ctx.grads, None
             for g in grads:
                 if g is not None:
-                    ops.op("scale_", ctx.options[-1])(g.view(-1, g.shape[-1]), grad_output, ctx.options[-1])
+                    ops.call("scale_", g.view(-1, g.shape[-1]), grad_output, ctx.options[-1])
             return (*grads, None, None, None, None, None, None)
         # "none", or a second backward through a retained graph: recompute chunk by chunk
         if ctx.reduction == "none":
@@ -142,8 +142,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             stop = start + ctx.chunk
             x = input[start:stop]
             logits = _chunk_logits(x, weight, bias)
-            ops.op("cross_entropy_backward_", ctx.options[-1])(row_grad[start:stop], logits, target[start:stop],
-                                                               class_weight, ctx.lse[start:stop], *ctx.options)
+            ops.call("cross_entropy_backward_", row_grad[start:stop], logits, target[start:stop], class_weight,
+                     ctx.lse[start:stop], *ctx.options)
             grads.add_chunk(logits, x, weight, start)
         return (*grads.finish(weight, bias), None, None, None, None, None, None)
 

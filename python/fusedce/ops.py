@@ -68,6 +68,11 @@ def op(name: str, backend: str):
     return getattr(torch.ops.fusedce, f"triton_{name}" if backend == "triton" and TRITON_TRACEABLE else name)
 
 
+def call(name: str, *args):
+    """Runs the op `name` that serves args[-1], the backend every op takes last."""
+    return op(name, args[-1])(*args)
+
+
 def _check_op_inputs(logits: Tensor, target: Tensor, weight: Optional[Tensor], grad_loss: Optional[Tensor] = None,
                      lse: Optional[Tensor] = None) -> None:
     """The layout the kernels read, checked here because the ops are public (the API layer builds it)."""
@@ -215,10 +220,10 @@ def input_grads(needs_input_grad, saved, grad_loss, grad_lse, options, inplace: 
         if grad_lse is not None:
             lse_term = _lse_grad(grad_lse.to(acc), logits, lse, softcap).to(logits.dtype)
         if inplace:
-            op("cross_entropy_backward_", backend)(grad_loss, logits, target, weight, lse, *options)
+            call("cross_entropy_backward_", grad_loss, logits, target, weight, lse, *options)
             dlogits = logits if lse_term is None else logits.add_(lse_term)
         else:
-            dlogits = op("cross_entropy_backward", backend)(grad_loss, logits, target, weight, lse, *options)
+            dlogits = call("cross_entropy_backward", grad_loss, logits, target, weight, lse, *options)
             dlogits = dlogits if lse_term is None else dlogits.add_(lse_term)
     return dlogits, dtarget, None
 
