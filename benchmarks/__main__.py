@@ -25,7 +25,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a small set (under 2 minutes on a 2-core CPU)")
     p.add_argument("--out", default=os.path.join("benchmarks", "out"), help="directory for results.json and plots")
     p.add_argument("--providers", help="comma-separated provider names (default: all that can run)")
-    p.add_argument("--shapes", help="comma-separated ROWSxVOCAB (ce) or TOKENSxHIDDENxVOCAB (linear)")
+    p.add_argument("--shapes", help="comma-separated ROWSxVOCAB (ce) or TOKENSxHIDDENxVOCAB (linear); "
+                   "SHAPE:DTYPE measures that shape in DTYPE only")
     p.add_argument("--dtypes", help="comma-separated: float32,bfloat16,float16")
     p.add_argument("--ops", help=f"comma-separated subset of {','.join(OPS)} (linear: fwd,fwd+bwd)")
     p.add_argument("--repeats", type=int, help="timed repeats per case (default 25 on GPU, 5 on CPU)")
@@ -46,6 +47,9 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
+    """HEAD, or FUSEDCE_COMMIT where there is no repository (the GPU machine gets a copy of the files)."""
+    if os.environ.get("FUSEDCE_COMMIT"):
+        return os.environ["FUSEDCE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                               cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
@@ -85,11 +89,31 @@ def copy_bandwidth(device: str, repeats: int) -> float:
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
-def select(args, suite, device):
-    shapes = ([cases.parse_shape(v) for v in args.shapes.split(",")] if args.shapes
-              else cases.default_shapes(suite, device, args.quick))
-    dtypes = ([getattr(torch, d) for d in args.dtypes.split(",")] if args.dtypes
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise SystemExit(f"unknown dtype {name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+def select_configs(args, suite, device):
+    """(shape, dtype) pairs: each shape in each dtype, but an entry SHAPE:DTYPE in DTYPE only, so shapes that
+    come in one dtype each (the issues' acceptance shapes) are measured side by side in one run."""
+    dtypes = ([parse_dtype(d) for d in args.dtypes.split(",")] if args.dtypes
               else (suite.quick_dtypes if args.quick else suite.dtypes)[device])
+    if not args.shapes:
+        return [(shape, d) for shape in cases.default_shapes(suite, device, args.quick) for d in dtypes]
+    configs = []
+    for entry in args.shapes.split(","):
+        shape, _, dtype = entry.partition(":")
+        configs += [(cases.parse_shape(shape), d) for d in ([parse_dtype(dtype)] if dtype else dtypes)]
+    return configs
+
+
+def select(args, suite, device):
+    configs = select_configs(args, suite, device)
     ops = args.ops.split(",") if args.ops else list(suite.ops)
     unknown = set(ops) - set(suite.ops)
     if unknown:
@@ -101,7 +125,7 @@ def select(args, suite, device):
             raise SystemExit(f"unknown provider {name!r}: expected some of {sorted(available)}")
     chosen = {n: available[n] for n in wanted if not isinstance(available[n], str)}
     skipped = [{"provider": n, "reason": available[n]} for n in wanted if isinstance(available[n], str)]
-    return shapes, dtypes, ops, chosen, skipped
+    return configs, ops, chosen, skipped
 
 
 def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, progress, skipped):
@@ -169,24 +193,30 @@ def main(argv=None) -> None:
         raise SystemExit("--device cuda: no CUDA device is available")
     repeats = args.repeats or (25 if device == "cuda" else 5)
     suite = cases.SUITES[args.suite]
-    shapes, dtypes, ops, providers, skipped = select(args, suite, device)
+    configs, ops, providers, skipped = select(args, suite, device)
     if device == "cpu" and args.quick and "torch-compile" in providers and not args.providers:
         skipped.append({"provider": "torch-compile", "reason": "--quick on the CPU: compiling takes minutes"})
         del providers["torch-compile"]
-    total = sum(len([op for op in ops if op in p.ops]) for p in providers.values()) * len(shapes) * len(dtypes)
+    total = sum(len([op for op in ops if op in p.ops]) for p in providers.values()) * len(configs)
     progress = Progress(total)
     copy_gbps = copy_bandwidth(device, repeats)
     records = []
-    for shape in shapes:
-        for dtype in dtypes:
+    interrupted = None
+    try:
+        for shape, dtype in configs:
             records += run_config(suite, shape, dtype, ops, providers, device, repeats, not args.no_memory,
                                   progress, skipped)
+    except KeyboardInterrupt:  # a time limit (benchmarks/gpu_session.sh sends SIGINT): keep what was measured
+        interrupted = f"interrupted with {len(records)} of {total} measurements done"
+        print(f"\n{interrupted}", file=sys.stderr)
     result = {"suite": suite.name, "baselines": list(suite.baselines),
               "device": device_name(device), "copy_gbps": copy_gbps, "torch": torch.__version__,
               "triton": triton_version(), "commit": git_commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),
               "records": records, "skipped": skipped}
+    if interrupted:
+        result["interrupted"] = interrupted
     os.makedirs(args.out, exist_ok=True)
     print(report.table(result))
     path = os.path.join(args.out, f"results-{suite.name}.json")
@@ -196,6 +226,8 @@ def main(argv=None) -> None:
         print(f"wrote {png}")
     if not all(r["correct"] for r in records if r["provider"].startswith("fusedce")):
         raise SystemExit("a fusedce provider gave a wrong result (see the table)")
+    if interrupted:
+        raise SystemExit(130)
 
 
 if __name__ == "__main__":

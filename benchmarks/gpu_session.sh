@@ -1,54 +1,120 @@
 #!/usr/bin/env bash
-# What a session with a lent GPU runs, one step per device-tool call (each call is limited to 10 minutes,
-# and a warm machine keeps the in-place build between calls):
-#   benchmarks/gpu_session.sh build        the package, with the CUDA module for this GPU's arch only
-#   benchmarks/gpu_session.sh tests        the test suite without the CUDA kernels
-#   benchmarks/gpu_session.sh tests-cuda   the CUDA kernels' tests, in a process of their own (a fault
-#                                          poisons the CUDA context of its whole process)
-#   benchmarks/gpu_session.sh accept       the acceptance shapes of the Triton and CUDA issues
-#   benchmarks/gpu_session.sh sweep        the rest of the cross-entropy suite
-#   benchmarks/gpu_session.sh linear       the fused linear + cross-entropy suite
-#   benchmarks/gpu_session.sh quickcheck   the independent timing check
-# Results land in ${OUT:-benchmarks/out}/<step>/; commit the JSON and plots under
-# benchmarks/results/<gpu>-<date>/. Liger-Kernel is not on the GPU machine: bring its wheel in .whl/
-# (see the device tool's README) and each step installs it first.
-set -euo pipefail
+# A whole GPU session in one call of the device tool, which lends 15 minutes of device time (the
+# machine's start included) and runs one command for 10 minutes at most. The steps run most important
+# first, each stopped at its own time limit with SIGINT (pytest and the benchmarks then report and keep
+# what they did), all within GPU_SESSION_SECONDS (default 560: call with timeout_s 590).
+#
+#   here, first:      benchmarks/gpu_prepare.sh     (wheels into .whl/, so nothing compiles there)
+#   the device call:  bash benchmarks/gpu_session.sh                  with carry [".whl"]
+#   a second call, with the minutes left on the warm machine (setup is needed each call, 5-10 s):
+#                     GPU_SESSION_SECONDS=200 bash benchmarks/gpu_session.sh setup sweep linear
+#
+# Steps (default: setup tests accept quickcheck sweep):
+#   setup       installs .whl/; builds fusedce for this GPU instead when the carried wheel does not
+#               import or lacks this GPU's architecture
+#   tests       the suite on the GPU backends only (FUSEDCE_TEST_BACKENDS; CI runs the CPU ones): Triton and
+#               pure torch, then the CUDA kernels in processes of their own (a fault poisons a process)
+#   accept      the acceptance shapes of the Triton and CUDA issues, every provider, in one run
+#   quickcheck  the independent timing check of the harness at two acceptance shapes
+#   sweep       the rest of the cross-entropy suite
+#   linear      the fused linear + cross-entropy suite
+# Results: $OUT/summary.txt (each step's tail, also printed) and $OUT/session.tar.gz (every log, JSON and
+# plot; the device tool brings back 8 files at most). Commit the JSON and plots under
+# benchmarks/results/<gpu>-<date>/.
+set -uo pipefail  # no -e: a failed step must not cost the steps after it
 cd "$(dirname "$0")/.."
-step=${1:?usage: benchmarks/gpu_session.sh build|tests|tests-cuda|accept|sweep|linear|quickcheck}
-out=${OUT:-benchmarks/out}/$step
+export PYTHONUNBUFFERED=1
+start=$SECONDS
+budget=${GPU_SESSION_SECONDS:-560}
+out=${OUT:-benchmarks/out/gpu-session}
+work=$(mktemp -d)
 mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-# every provider but the CUDA kernels, for a second try when they fail
+# every provider but the CUDA kernels, for a second try when a run with them crashes
 without_cuda=fusedce-triton,fusedce-torch,unfused,torch,torch-compile,liger
 
-bench() {  # bench DIR ARGS...: the suite with every provider, then without the CUDA kernels if that failed
-  local dir=$1
-  shift
-  mkdir -p "$dir"
-  python3 -m benchmarks --device cuda --out "$dir" "$@" 2>&1 | tee -a "$dir/log.txt" ||
-    python3 -m benchmarks --device cuda --out "$dir" --providers "$without_cuda" "$@" 2>&1 | tee -a "$dir/log.txt"
+report() {  # report LINE...: to the terminal and to summary.txt
+  printf '%s\n' "$@" | tee -a "$out/summary.txt"
 }
 
-case $step in
-  build)
-    nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap --format=csv | tee "$out/gpu.txt"
-    arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d .)
-    FUSEDCE_BUILD_CUDA=1 FUSEDCE_CUDA_ARCHS=$arch python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 |
-      tail -n 3 ;;
-  tests) python3 -m pytest tests -q -k "not cuda" 2>&1 | tee "$out/log.txt" | tail -n 15 ;;
-  tests-cuda) python3 -m pytest tests -q -k cuda 2>&1 | tee "$out/log.txt" | tail -n 25 ;;
-  accept)
-    bench "$out/bf16" --shapes 8192x128256,1024x262144 --dtypes bfloat16
-    bench "$out/fp32" --shapes 16384x32000 --dtypes float32 ;;
-  sweep) bench "$out" --shapes 4096x32000,4096x128256,4096x256000,16384x128256,32768x32000 ;;
-  linear) python3 -m benchmarks --suite linear --device cuda --out "$out" 2>&1 | tee "$out/log.txt" ;;
-  quickcheck)
-    for shape_dtype in 8192x128256:bfloat16 16384x32000:float32; do
-      python3 -m benchmarks.quickcheck --device cuda --shape "${shape_dtype%%:*}" --dtype "${shape_dtype##*:}" |
-        tee -a "$out/quickcheck.txt"
-    done ;;
-  *) echo "unknown step $step" >&2; exit 2 ;;
-esac
+limited() {  # limited SECONDS LOG CMD...: CMD with SIGINT at SECONDS (or at the session's end, 20 s kept to pack)
+  local seconds=$1 log=$2 t0=$SECONDS
+  shift 2
+  local left=$((budget - (SECONDS - start) - 20))
+  ((seconds > left)) && seconds=$left
+  if ((seconds < 10)); then
+    report "skipped (no time left): $*"
+    return 1
+  fi
+  timeout -s INT -k 20 "$seconds" "$@" >>"$log" 2>&1
+  local rc=$?
+  report "--- $* (rc $rc, $((SECONDS - t0)) s of $seconds)" "$(tail -n 12 "$log")"
+  return $rc
+}
+
+bench() {  # bench NAME SECONDS ARGS...: the suite; after a crash (not a time limit, not a wrong result),
+  local name=$1 seconds=$2 t0=$SECONDS  # again without the CUDA kernels in the time left
+  shift 2
+  mkdir -p "$work/$name"
+  limited "$seconds" "$work/$name/log.txt" python3 -m benchmarks --device cuda --out "$work/$name" "$@"
+  local rc=$?
+  if ((rc != 0 && rc != 124)) && ! grep -q "gave a wrong result" "$work/$name/log.txt"; then
+    limited $((seconds - (SECONDS - t0))) "$work/$name/log.txt" python3 -m benchmarks --device cuda \
+      --out "$work/$name/without-cuda" --providers "$without_cuda" "$@"
+  fi
+}
+
+setup() {
+  nvidia-smi --query-gpu=name,memory.total,driver_version,compute_cap,clocks.max.sm,clocks.max.mem --format=csv \
+    >"$work/gpu.txt" 2>&1
+  report "$(cat "$work/gpu.txt")"
+  local arch
+  arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d .)
+  if [ -f .whl/COMMIT ]; then export FUSEDCE_COMMIT; FUSEDCE_COMMIT=$(cat .whl/COMMIT); fi
+  local wheel  # one at a time: a fusedce wheel this Python rejects must not keep Liger out
+  for wheel in .whl/*.whl; do
+    [ -f "$wheel" ] && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site "$wheel" 2>&1 | grep -v WARNING
+  done
+  export PYTHONPATH=/tmp/site
+  if ! python3 -c "import sys, fusedce._cuda as c; sys.exit('sm_$arch' not in c.archs.split())" 2>/dev/null; then
+    report "no carried fusedce for sm_$arch: building it here"
+    rm -rf /tmp/site/fusedce*
+    FUSEDCE_BUILD_CUDA=1 FUSEDCE_CUDA_ARCHS=$arch python3 -m pip install -q --no-build-isolation --no-deps -e . \
+      >"$work/build.log" 2>&1 || report "build failed" "$(tail -n 20 "$work/build.log")"
+  fi
+  report "$(python3 -c "import torch, triton, fusedce, fusedce._cuda as c
+print('torch', torch.__version__, 'triton', triton.__version__, 'fusedce from', fusedce.__file__, 'cuda', c.archs)" 2>&1)"
+}
+
+tests() {
+  local pytest=(python3 -m pytest tests -q -p no:cacheprovider -n 8 --dist loadfile)
+  limited 120 "$work/tests-triton.log" env FUSEDCE_TEST_BACKENDS=triton,torch "${pytest[@]}" -k "not cuda" \
+    --ignore tests/test_triton_compile.py --ignore tests/test_cpu_isa.py
+  limited 90 "$work/tests-cuda.log" env FUSEDCE_TEST_BACKENDS=cuda "${pytest[@]}" -k cuda
+}
+
+quickcheck() {
+  local shape
+  for shape in 8192x128256:bfloat16 16384x32000:float32; do
+    limited 45 "$work/quickcheck-${shape%%:*}.txt" python3 -m benchmarks.quickcheck --device cuda --shape "${shape%%:*}" \
+      --dtype "${shape##*:}"
+  done
+}
+
+steps=("$@")
+((${#steps[@]})) || steps=(setup tests accept quickcheck sweep)
+for step in "${steps[@]}"; do
+  report "=== $step ($((SECONDS - start)) s into the session)"
+  case $step in
+    setup) setup ;;
+    tests) tests ;;
+    accept) bench accept 200 --shapes 8192x128256:bfloat16,16384x32000:float32,1024x262144:bfloat16 ;;
+    quickcheck) quickcheck ;;
+    sweep) bench sweep 240 --shapes 4096x32000,4096x128256,4096x256000,16384x128256,32768x32000 ;;
+    linear) bench linear 180 --suite linear ;;
+    *) report "unknown step $step" ;;
+  esac
+  cp "$out/summary.txt" "$work/"
+  tar czf "$out/session.tar.gz" -C "$work" .
+done
+report "=== done in $((SECONDS - start)) s; results in $out/session.tar.gz"
