@@ -8,7 +8,8 @@ import fusedce
 from fusedce import _native_cuda
 from reference import assert_close, reference_loss, to64
 
-H100 = _native_cuda.Device(sms=132, threads_per_sm=2048, l2_bytes=50 << 20)
+H100 = _native_cuda.Device(sms=132, threads_per_sm=2048, l2_bytes=50 << 20, clusters=True)
+A100 = _native_cuda.Device(sms=108, threads_per_sm=2048, l2_bytes=40 << 20)  # sm_80: no clusters
 needs_module = pytest.mark.skipif(not _native_cuda.available(),
                                   reason=f"built without the CUDA kernels: {_native_cuda.IMPORT_ERROR}")
 needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and _native_cuda.available()),
@@ -40,11 +41,33 @@ def test_fused_rows_that_fit_are_held_in_registers(vocab, element_size):
 @pytest.mark.parametrize("why", ["general", "not_vectorized", "too_long"])
 def test_register_cache_only_where_it_applies(why):
     kwargs = dict(general=why == "general", vectorized=why != "not_vectorized")
-    p = plan(16384, 128256 if why == "too_long" else 32000, 2 if why == "too_long" else 4, fused=True, **kwargs)
+    vocab = 300000 if why == "too_long" else 32000  # 1.2 MB rows: more than a cluster's registers hold
+    p = plan(16384, vocab, 4, fused=True, **kwargs)
     assert p.layout == _native_cuda.BLOCK_PER_ROW and p.splits == 1
     # the fused mode re-reads each row for its gradient: the rows in flight must fit in half the L2
-    row_bytes = (128256 * 2) if why == "too_long" else 32000 * 4
-    assert p.blocks <= max(132, (25 << 20) // row_bytes)
+    assert p.blocks <= max(132, (25 << 20) // (vocab * 4))
+
+
+@pytest.mark.parametrize("vocab,element_size,parts,threads", [
+    (128256, 2, 4, 512), (262144, 2, 8, 512), (262144, 4, 8, 1024), (50257, 4, 4, 512), (65537, 2, 4, 512),
+    (40000, 4, 4, 512)])
+def test_fused_long_rows_are_held_by_a_cluster(vocab, element_size, parts, threads):
+    p = plan(1024, vocab, element_size, fused=True)
+    assert (p.layout, p.splits, p.threads) == (_native_cuda.CLUSTER_ROW_CACHED, parts, threads)
+    assert p.blocks == 1024  # a block per (row, segment): the hardware schedules whole clusters
+    # each block's segment fits in its registers; half as many blocks would not hold the row
+    per_pack = 16 // element_size
+    assert _native_cuda.segment_length(vocab, parts) <= threads * _native_cuda.CACHE_PACKS * per_pack
+    assert _native_cuda.segment_length(vocab, parts // 2) > threads * _native_cuda.CACHE_PACKS * per_pack
+
+
+@pytest.mark.parametrize("why", ["no_clusters", "general", "not_fused", "not_vectorized", "too_few_rows"])
+def test_cluster_layout_only_where_it_applies(why):
+    p = plan(16 if why == "too_few_rows" else 1024, 262144, 2, fused=why != "not_fused", general=why == "general",
+             vectorized=why != "not_vectorized", device=A100 if why == "no_clusters" else H100)
+    assert p.layout == _native_cuda.BLOCK_PER_ROW
+    if why == "too_few_rows":  # 16 clusters of 8 blocks leave SMs idle: split rows fill the GPU instead
+        assert p.splits > 8
 
 
 def test_few_long_rows_are_split_to_fill_the_gpu():
@@ -59,6 +82,9 @@ def test_few_long_rows_are_split_to_fill_the_gpu():
     # the fused mode too: fewer rows than SMs would leave most of the GPU idle in the cached layout
     fused = plan(64, 32000, 4, fused=True)
     assert fused.layout == _native_cuda.BLOCK_PER_ROW and fused.splits > 1
+    # unless clusters of two fill it: each row still read once
+    paired = plan(100, 32000, 4, fused=True)
+    assert (paired.layout, paired.splits) == (_native_cuda.CLUSTER_ROW_CACHED, 2)
 
 
 def test_many_long_rows_are_not_split():
@@ -92,11 +118,34 @@ def test_cuda_errors_reach_python_with_their_message():
         _native_cuda._cuda.device_info(0)
 
 
+LAUNCH_ARGS = dict(logits=0, logits_row_stride=100, rows=4, vocab=100, dtype=0, target_index=0, target_prob=0,
+                   target_row_stride=0, target_dtype=0, weight=0, weight_sum=0, ignore_index=-100,
+                   label_smoothing=0.0, z_loss=0.0, softcap=0.0, lse=0, grad_loss=0, grad_stride=0, dlogits=0,
+                   dlogits_row_stride=0, layout=_native_cuda.BLOCK_PER_ROW, threads=128, blocks=4, splits=1,
+                   vectorized=True, device=0, stream=0, loss=0, workspace=0)
+
+
+@needs_module
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
+@pytest.mark.parametrize("launch", [{}, dict(layout=_native_cuda.CLUSTER_ROW_CACHED, splits=2, grad_loss=8)],
+                         ids=["block_per_row", "cluster"])
+def test_valid_launches_pass_the_checks(launch):
+    """The launches the bad ones below differ from: they fail only at the first CUDA call (no driver here)."""
+    with pytest.raises(RuntimeError, match="cudaGetDevice failed"):
+        _native_cuda._cuda.forward(**dict(LAUNCH_ARGS, **launch))
+
+
 @needs_module
 @pytest.mark.parametrize("bad,message", [
     (dict(layout=7), "invalid launch \\(layout 7"),
     (dict(threads=48), "invalid launch"),
     (dict(layout=_native_cuda.BLOCK_PER_ROW_CACHED), "invalid launch"),  # only for the fused mode
+    (dict(layout=_native_cuda.CLUSTER_ROW_CACHED, splits=2), "invalid launch"),  # likewise
+    (dict(layout=_native_cuda.CLUSTER_ROW_CACHED, splits=9, grad_loss=8), "invalid launch"),  # > 8 blocks
+    (dict(layout=_native_cuda.CLUSTER_ROW_CACHED, splits=2, grad_loss=8, label_smoothing=0.1), "invalid launch"),
+    # segments of 10000 elements, registers for 128 x 8 x 4
+    (dict(layout=_native_cuda.CLUSTER_ROW_CACHED, splits=2, grad_loss=8, vocab=20000, logits_row_stride=20000),
+     "invalid launch"),
     (dict(splits=4), "invalid launch"),  # a split forward needs its workspace
     (dict(splits=0, workspace=16), "invalid launch"),
     (dict(dlogits=8, dlogits_row_stride=100), "different offsets from a 16-byte boundary"),
@@ -106,27 +155,25 @@ def test_cuda_errors_reach_python_with_their_message():
 ])
 def test_native_module_rejects_bad_launches_before_touching_the_gpu(bad, message):
     """The launch checks run before any CUDA call, so they raise the same with or without a GPU."""
-    args = dict(logits=0, logits_row_stride=100, rows=4, vocab=100, dtype=0, target_index=0, target_prob=0,
-                target_row_stride=0, target_dtype=0, weight=0, weight_sum=0, ignore_index=-100, label_smoothing=0.0,
-                z_loss=0.0, softcap=0.0, lse=0, grad_loss=0, grad_stride=0, dlogits=0, dlogits_row_stride=0,
-                layout=_native_cuda.BLOCK_PER_ROW, threads=128, blocks=4, splits=1, vectorized=True, device=0,
-                stream=0, loss=0, workspace=0)
-    args.update(bad)
     with pytest.raises((ValueError, RuntimeError), match=message):
-        _native_cuda._cuda.forward(**args)
+        _native_cuda._cuda.forward(**dict(LAUNCH_ARGS, **bad))
 
 
 # ---- on a GPU ------------------------------------------------------------------------------------------
 
 # (rows, vocab, dtype, fused, case, the layout and splits they get on an H100): every launch path
-W, B, C = _native_cuda.WARP_PER_ROW, _native_cuda.BLOCK_PER_ROW, _native_cuda.BLOCK_PER_ROW_CACHED
+W, B, C, CL = (_native_cuda.WARP_PER_ROW, _native_cuda.BLOCK_PER_ROW, _native_cuda.BLOCK_PER_ROW_CACHED,
+                _native_cuda.CLUSTER_ROW_CACHED)
 LAYOUT_CASES = {
     "warp_per_row": (600, 1000, torch.float32, False, {}, (W, 1)),
     "warp_per_row_fused_general": (600, 999, torch.bfloat16, True, dict(label_smoothing=0.1, weight=True), (W, 1)),
     "cached": (3000, 32000, torch.float32, True, {}, (C, 1)),
     "cached_unaligned_rows": (3000, 32003, torch.float32, True, {}, (C, 1)),
     "block_fused_l2": (3000, 32000, torch.float32, True, dict(softcap=30.0, z_loss=1e-4), (B, 1)),
-    "block_bf16_128k": (600, 128256, torch.bfloat16, True, {}, (B, 1)),
+    "cluster_bf16_128k": (600, 128256, torch.bfloat16, True, {}, (CL, 4)),
+    "cluster_fp32_1mib": (200, 262144, torch.float32, True, dict(z_loss=1e-4), (CL, 8)),
+    "cluster_unaligned_rows": (300, 50257, torch.float32, True, {}, (CL, 4)),
+    "block_fused_past_clusters": (600, 300000, torch.float32, True, {}, (B, 1)),
     "split_rows": (2, 262144, torch.bfloat16, True, {}, (B, 32)),
     "split_rows_general": (3, 50257, torch.float32, True, dict(label_smoothing=0.2), (B, 12)),
     "split_rows_backward": (40, 32000, torch.float32, False, dict(weight=True), (B, 7)),
@@ -156,9 +203,24 @@ def _inputs(rows, vocab, dtype, case):
     return logits, target, weight, options
 
 
+def _skip_unless_planned_here(name):
+    """The GPU tests below are about one layout each: skip where this GPU would plan another."""
+    rows, vocab, dtype, fused, case, expected = LAYOUT_CASES[name]
+    general = any(k in case for k in ("weight", "soft", "label_smoothing", "softcap"))
+    here = plan(rows, vocab, torch.empty((), dtype=dtype).element_size(), fused=fused, general=general,
+                soft="soft" in case, device=_native_cuda.device_info(torch.cuda.current_device()))
+    if (here.layout, here.splits) != expected:
+        pytest.skip(f"{torch.cuda.get_device_name()} plans {here} for this case, not layout and splits {expected}")
+
+
 @needs_gpu
+@pytest.mark.parametrize("rows_in_flight", [None, 3], ids=["planned", "3_blocks_loop_over_rows"])
 @pytest.mark.parametrize("name", list(LAYOUT_CASES))
-def test_every_layout_matches_float64(name):
+def test_every_layout_matches_float64(name, rows_in_flight, monkeypatch):
+    _skip_unless_planned_here(name)
+    if rows_in_flight:  # a grid of 3 blocks along the rows: every block loops over many rows
+        planned = _native_cuda.plan
+        monkeypatch.setattr(_native_cuda, "plan", lambda *a, **k: planned(*a, **k)._replace(blocks=rows_in_flight))
     rows, vocab, dtype, fused, case, _ = LAYOUT_CASES[name]
     logits, target, weight, options = _inputs(rows, vocab, dtype, case)
     x = logits.clone().requires_grad_()
@@ -169,6 +231,21 @@ def test_every_layout_matches_float64(name):
     loss.backward()
     ref.backward()
     assert_close(x.grad, x64.grad, dtype, scale=x64.grad.abs().max().item())
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", ["cached", "cluster_bf16_128k", "cluster_unaligned_rows"])
+def test_cached_layouts_write_the_gradient_in_place(name):
+    """In place, a block's gradient stores overwrite logits: each reads its target logit before any
+    block of its row (in a cluster, any block of the cluster) may store."""
+    _skip_unless_planned_here(name)
+    rows, vocab, dtype, _, case, _ = LAYOUT_CASES[name]
+    logits, target, _, _ = _inputs(rows, vocab, dtype, case)
+    leaf = logits.clone().requires_grad_()
+    fusedce.cross_entropy(leaf * 1, target, reduction="sum", inplace_backward=True, backend="cuda").backward()
+    x64 = to64(logits).requires_grad_()
+    reference_loss(x64, to64(target), reduction="sum").backward()
+    assert_close(leaf.grad, x64.grad, dtype, scale=x64.grad.abs().max().item())
 
 
 @needs_gpu
@@ -207,10 +284,12 @@ def test_backends_agree(dtype, vocab):
 
 
 @needs_gpu
-def test_fused_step_replays_in_a_cuda_graph():
+@pytest.mark.parametrize("vocab,dtype", [(32000, torch.float32), (128256, torch.bfloat16)],
+                         ids=["cached", "cluster_on_sm90"])
+def test_fused_step_replays_in_a_cuda_graph(vocab, dtype):
     """No allocation the graph cannot own and no host sync: forward + backward capture and replay."""
-    logits = torch.randn(256, 32000, device="cuda")
-    target = torch.randint(0, 32000, (256,), device="cuda")
+    logits = torch.randn(256, vocab, device="cuda").to(dtype)
+    target = torch.randint(0, vocab, (256,), device="cuda")
     x = logits.clone().requires_grad_()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -227,5 +306,5 @@ def test_fused_step_replays_in_a_cuda_graph():
     x64 = (logits * 2).double().requires_grad_()
     ref = reference_loss(x64, target)
     ref.backward()
-    assert_close(loss, ref, torch.float32, scale=ref.item())
-    assert_close(x.grad, x64.grad, torch.float32, scale=x64.grad.abs().max().item())
+    assert_close(loss, ref, dtype, scale=ref.item())
+    assert_close(x.grad, x64.grad, dtype, scale=x64.grad.abs().max().item())

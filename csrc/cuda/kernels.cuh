@@ -14,8 +14,10 @@
 //
 // Traffic: the forward reads the logits once (S); the backward reads them once and writes dlogits once
 // (2S); the fused mode does both in one launch, its second read of a row served by the registers
-// (cached_row_kernel) or by L2 (row_kernel, with few enough rows in flight to stay in L2).
+// (cached_row_kernel: of one block, or of a cluster of blocks on sm_90+) or by L2 (row_kernel, with few
+// enough rows in flight to stay in L2).
 #pragma once
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -30,6 +32,19 @@ namespace cuda {
 
 constexpr float kLowest = -3.4028234663852886e38f;  // finite, so (-inf) - m is -inf, never NaN
 constexpr int kStateFloats = 5;                      // a State in the split-row workspace
+constexpr int kCachePacks = 8;  // 16-byte packs per thread in cached_row_kernel: 128 KiB per 1024 threads
+constexpr int kMaxCluster = 8;  // blocks per cluster: the portable limit (more needs an opt-in per kernel)
+
+// Segment `part` of a row cut into `parts` (blocks of a split row or of a cluster): [c0, c1). Segments
+// are a multiple of 8 elements long, so each keeps its row's 16-byte phase.
+struct Segment {
+  int c0, c1;
+  __host__ __device__ static int length(int vocab, int parts) { return ((vocab + parts - 1) / parts + 7) / 8 * 8; }
+  __device__ Segment(int vocab, int parts, int part) {
+    c0 = min(vocab, part * length(vocab, parts));
+    c1 = min(vocab, c0 + length(vocab, parts));
+  }
+};
 
 // Passes of row_kernel, combined as bits.
 enum Pass : int {
@@ -383,15 +398,12 @@ template <typename T, int VEC, int GROUP, bool GENERAL>
 __global__ void __launch_bounds__(1024) row_kernel(Params p, int passes) {
   using G = Group<GROUP>;
   const int rank = G::rank(), size = G::size();
-  // segments of a multiple of 8 elements keep every segment's 16-byte phase that of its row
-  const int vocab = int(p.vocab);
-  const int seg_len = ((vocab + int(gridDim.y) - 1) / int(gridDim.y) + 7) / 8 * 8;
-  const int c0 = min(vocab, int(blockIdx.y) * seg_len), c1 = min(vocab, c0 + seg_len);
+  const Segment seg(int(p.vocab), int(gridDim.y), int(blockIdx.y));
 
   for (int64_t row = G::first_row(); row < p.rows; row += G::row_step()) {
     const T* x_row = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
     RowMath<GENERAL> r(p, row);
-    const Span<T, VEC> span(x_row, c0, c1);
+    const Span<T, VEC> span(x_row, seg.c0, seg.c1);
     float shift, log_s = 0.f, k_soft = 0.f;
     if (passes & (kForward | kPartial)) {
       // read before any thread of the row writes its gradient (dlogits may be the logits)
@@ -427,18 +439,47 @@ __global__ void __launch_bounds__(1024) row_kernel(Params p, int passes) {
   }
 }
 
-// The fused mode for rows that fit in the block's registers (CACHE packs of 16 bytes per thread): each
-// row is read from memory once, then its gradient computed from the registers.
-template <typename T, bool GENERAL, int CACHE>
+// The states of one row's segments, held by the blocks of a thread-block cluster, merged through
+// distributed shared memory: every block gets the same state (same inputs, same order). `parity`
+// alternates by row, so a block can store its next row's state while the others still read this one's.
+__device__ __forceinline__ State cluster_merge(State s, int parity) {
+#if __CUDA_ARCH__ >= 900
+  __shared__ float slots[2][kStateFloats];
+  __shared__ float merged[kStateFloats];
+  auto cluster = cooperative_groups::this_cluster();
+  if (threadIdx.x == 0) s.store_to(slots[parity]);
+  cluster.sync();  // release / acquire: every block's state is visible to the cluster
+  if (threadIdx.x < 32) {
+    State o;
+    if (threadIdx.x < cluster.num_blocks()) o = State::load_from(cluster.map_shared_rank(slots[parity], threadIdx.x));
+    o = warp_reduce(o);
+    if (threadIdx.x == 0) o.store_to(merged);  // the last row's readers passed this row's reduce barrier
+  }
+  __syncthreads();
+  return State::load_from(merged);
+#else
+  __trap();  // the host launches clusters only where this code was built for sm_90+ (launch.cu checks)
+  return s;
+#endif
+}
+
+// The fused mode for rows held in registers (CACHE packs of 16 bytes per thread): each row is read
+// from memory once, then its gradient computed from the registers. CLUSTER: the row is cut into
+// gridDim.y segments, one per block of a cluster (sm_90+), whose states merge in cluster_merge.
+template <typename T, bool GENERAL, int CACHE, bool CLUSTER>
 __global__ void __launch_bounds__(1024) cached_row_kernel(Params p) {
   constexpr int VEC = 16 / sizeof(T);
   const int rank = threadIdx.x, size = blockDim.x;
-  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x) {
+  const Segment seg(int(p.vocab), int(gridDim.y), int(blockIdx.y));
+  int parity = 0;
+  for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x, parity ^= 1) {
     const T* x_row = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
     T* d_row = static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride;
     RowMath<GENERAL> r(p, row);
-    const Span<T, VEC> span(x_row, 0, int(p.vocab));
-    const float x_t = r.soft ? 0.f : r.cap(to_float(x_row[r.t]));  // before any thread writes (in place)
+    const Span<T, VEC> span(x_row, seg.c0, seg.c1);
+    // for the loss, which the first block writes; read before any thread stores (in place), in a
+    // cluster before the barrier that precedes every block's stores
+    const float x_t = r.soft || blockIdx.y != 0 ? 0.f : r.cap(to_float(x_row[r.t]));
     uint4 cache[CACHE];
 #pragma unroll
     for (int i = 0; i < CACHE; ++i) {
@@ -446,7 +487,7 @@ __global__ void __launch_bounds__(1024) cached_row_kernel(Params p) {
       if (v < span.packs) cache[i] = *reinterpret_cast<const uint4*>(x_row + span.body + v * VEC);
     }
     State s;
-    for (int j = rank; j < span.body; j += size) {
+    for (int j = span.c0 + rank; j < span.body; j += size) {
       float x[1] = {to_float(x_row[j])};
       r.accumulate(s, x, j);
     }
@@ -464,9 +505,10 @@ __global__ void __launch_bounds__(1024) cached_row_kernel(Params p) {
       }
     }
     s = Group<0>::reduce(s);
+    if constexpr (CLUSTER) s = cluster_merge(s, parity);
     float lse, log_s;
     const float loss = r.finish(s, x_t, lse, log_s);
-    if (rank == 0) p.loss[row] = loss, p.lse[row] = lse;
+    if (rank == 0 && blockIdx.y == 0) p.loss[row] = loss, p.lse[row] = lse;
 
     r.begin_gradient(row, lse, s.k);
     auto single = [&](int j) {
@@ -474,7 +516,7 @@ __global__ void __launch_bounds__(1024) cached_row_kernel(Params p) {
       r.gradient(x, j, s.m, log_s, d);
       d_row[j] = from_float<T>(d[0]);
     };
-    for (int j = rank; j < span.body; j += size) single(j);
+    for (int j = span.c0 + rank; j < span.body; j += size) single(j);
     for (int j = span.tail + rank; j < span.c1; j += size) single(j);
 #pragma unroll
     for (int i = 0; i < CACHE; ++i) {
@@ -487,6 +529,10 @@ __global__ void __launch_bounds__(1024) cached_row_kernel(Params p) {
       }
     }
   }
+#if __CUDA_ARCH__ >= 900
+  // no block leaves while another may still read its shared memory
+  if constexpr (CLUSTER) cooperative_groups::this_cluster().sync();
+#endif
 }
 
 // Split rows: merges the segments' states of each row (a warp per row) into its loss and lse.
@@ -521,8 +567,6 @@ __global__ void scale_kernel(T* grad, int64_t rows, int64_t vocab, int64_t row_s
 
 // ---- host side of one dtype (instantiated in kernels_<dtype>.cu) ----------------------------------
 
-constexpr int kCachePacks = 8;  // 16-byte packs per thread in cached_row_kernel: 128 KiB per 1024 threads
-
 template <typename T, int VEC, int GROUP>
 void launch_row_kernel(const Params& p, const Launch& l, int passes, cudaStream_t stream, bool general) {
   const dim3 grid(unsigned(l.blocks), unsigned(l.splits));
@@ -535,8 +579,21 @@ void launch_row_kernel(const Params& p, const Launch& l, int passes, cudaStream_
 template <typename T>
 void launch_rows(const Params& p, const Launch& l, int passes, cudaStream_t stream, bool general) {
   constexpr int kVec = 16 / sizeof(T);
-  if (l.layout == kBlockPerRowCached) {  // the common case only: the general one would spill its cache
-    cached_row_kernel<T, false, kCachePacks><<<unsigned(l.blocks), l.threads, 0, stream>>>(p);
+  // the cached layouts serve the common case only: the general one would spill its cache
+  if (l.layout == kBlockPerRowCached) {
+    cached_row_kernel<T, false, kCachePacks, false><<<unsigned(l.blocks), l.threads, 0, stream>>>(p);
+  } else if (l.layout == kClusterRowCached) {
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(unsigned(l.blocks), unsigned(l.splits));
+    config.blockDim = dim3(unsigned(l.threads));
+    config.stream = stream;
+    cudaLaunchAttribute cluster = {};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = 1, cluster.val.clusterDim.y = unsigned(l.splits), cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    // its error, like a <<<>>> launch's, reaches the caller's cudaGetLastError
+    cudaLaunchKernelEx(&config, cached_row_kernel<T, false, kCachePacks, true>, p);
   } else if (l.layout == kWarpPerRow) {
     if (l.vectorized)
       launch_row_kernel<T, kVec, 32>(p, l, passes, stream, general);
@@ -548,6 +605,16 @@ void launch_rows(const Params& p, const Launch& l, int passes, cudaStream_t stre
     else
       launch_row_kernel<T, 1, 0>(p, l, passes, stream, general);
   }
+}
+
+// Whether cached_row_kernel's cluster code runs on the current device: the code the driver picks for it
+// must come from sm_90+ (an sm_80 build JIT-compiled for a Hopper GPU has only the trap).
+template <typename T>
+cudaError_t cluster_code_runs(bool* runs) {
+  cudaFuncAttributes attributes;
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, cached_row_kernel<T, false, kCachePacks, true>);
+  *runs = status == cudaSuccess && attributes.ptxVersion >= 90;
+  return status;
 }
 
 template <typename T>
@@ -574,6 +641,7 @@ void launch_scale(void* grad, int64_t rows, int64_t vocab, int64_t row_stride, c
 #define FUSEDCE_TEMPLATES(prefix, T)                                                                      \
   prefix template void launch_rows<T>(const Params&, const Launch&, int, cudaStream_t, bool);             \
   prefix template void launch_finalize<T>(const Params&, int, cudaStream_t, bool);                        \
+  prefix template cudaError_t cluster_code_runs<T>(bool*);                                                 \
   prefix template void launch_scale<T>(void*, int64_t, int64_t, int64_t, const float*, cudaStream_t);
 #define FUSEDCE_INSTANTIATE(T) FUSEDCE_TEMPLATES(, T)
 #define FUSEDCE_DECLARE(T) FUSEDCE_TEMPLATES(extern, T)

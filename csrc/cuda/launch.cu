@@ -4,6 +4,7 @@
 // CUDA graph; the split-row workspace comes from the caller.
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <stdexcept>
 #include <string>
 
@@ -69,22 +70,27 @@ int element_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 void check_launch(const Params& p, const Launch& l, bool forward, bool fused) {
   check_dtype(p.dtype);
   if (p.target_prob) check_dtype(p.target_dtype);
+  // 32-bit column indices, with room for a grid's worth of threads past the end
+  if (p.vocab >= (int64_t(1) << 30))
+    throw std::invalid_argument("fusedce CUDA kernels: " + std::to_string(p.vocab) +
+                                " classes; at most 2^30 - 1 are supported");
   const bool threads_ok = l.threads >= 32 && l.threads <= 1024 && l.threads % 32 == 0;
-  const bool layout_ok = l.layout == kWarpPerRow || l.layout == kBlockPerRow ||
-                         (l.layout == kBlockPerRowCached && fused && !is_general(p) && l.vectorized &&
-                          l.splits == 1 && p.vocab <= int64_t(kCachePacks) * l.threads * (16 / element_size(p.dtype)));
+  // the cached layouts: the common case, 16-byte packs, and each block's segment within its registers
+  const bool cached = l.layout == kBlockPerRowCached || l.layout == kClusterRowCached;
+  const bool cached_ok = fused && !is_general(p) && l.vectorized && l.splits >= 1 &&
+                         Segment::length(int(p.vocab), l.splits) <=
+                             int64_t(kCachePacks) * l.threads * (16 / element_size(p.dtype));
+  const bool layout_ok = l.layout == kWarpPerRow || l.layout == kBlockPerRow || (cached && cached_ok);
   // the forward merges the segments' states in the workspace; the backward's segments are independent
-  const bool splits_ok = l.splits == 1 || (l.layout == kBlockPerRow && l.splits > 1 && l.splits <= 65535 &&
-                                           (p.workspace || !forward) && p.target_prob == nullptr);
+  const bool splits_ok = l.splits == 1 ||
+                         (l.layout == kBlockPerRow && l.splits > 1 && l.splits <= 65535 &&
+                          (p.workspace || !forward) && p.target_prob == nullptr) ||
+                         (l.layout == kClusterRowCached && l.splits > 1 && l.splits <= kMaxCluster);
   // 16-byte packs of a row of logits and of dlogits must start at the same offset from a 16-byte boundary
   const int64_t es = element_size(p.dtype);
   const bool packs_ok = !l.vectorized || p.dlogits == nullptr ||
                         ((reinterpret_cast<uintptr_t>(p.logits) - reinterpret_cast<uintptr_t>(p.dlogits)) % 16 == 0 &&
                          (p.rows <= 1 || (p.logits_row_stride - p.dlogits_row_stride) * es % 16 == 0));
-  // 32-bit column indices, with room for a grid's worth of threads past the end
-  if (p.vocab >= (int64_t(1) << 30))
-    throw std::invalid_argument("fusedce CUDA kernels: " + std::to_string(p.vocab) +
-                                " classes; at most 2^30 - 1 are supported");
   if (!packs_ok)
     throw std::invalid_argument("fusedce CUDA kernels: vectorized launch with logits and dlogits rows at different "
                                 "offsets from a 16-byte boundary");
@@ -94,6 +100,22 @@ void check_launch(const Params& p, const Launch& l, bool forward, bool fused) {
                                 ", splits " + std::to_string(l.splits) + ")");
 }
 
+// Whether kClusterRowCached can run on `device` (the current one): cluster launches, and cluster code
+// built for it. Cached per device: forward() asks on every cluster launch.
+bool clusters_run(int device) {
+  static std::atomic<signed char> known[64];  // 0: not asked yet, 1: no, 2: yes
+  if (device >= 0 && device < 64 && known[device] != 0) return known[device] == 2;
+  int cluster_launch = 0;
+  check(cudaDeviceGetAttribute(&cluster_launch, cudaDevAttrClusterLaunch, device), "cudaDeviceGetAttribute");
+  bool runs = false;
+  if (cluster_launch && cluster_code_runs<float>(&runs) != cudaSuccess) {
+    cudaGetLastError();  // no code for this device at all: not an error of this query's caller
+    runs = false;
+  }
+  if (device >= 0 && device < 64) known[device] = runs ? 2 : 1;
+  return runs;
+}
+
 }  // namespace
 
 void forward(const Params& p, const Launch& l) {
@@ -101,11 +123,14 @@ void forward(const Params& p, const Launch& l) {
   const bool fused = p.grad_loss != nullptr;
   check_launch(p, l, true, fused);
   DeviceGuard guard(l.device);
+  if (l.layout == kClusterRowCached && !clusters_run(l.device))
+    throw std::invalid_argument("fusedce CUDA kernels: the cluster layout needs an sm_90+ GPU and fusedce built "
+                                "for it (FUSEDCE_CUDA_ARCHS with 90 or later)");
   const auto stream = reinterpret_cast<cudaStream_t>(l.stream);
   const bool general = is_general(p);
   by_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (l.splits > 1) {  // segment states, merged per row, then (fused) the gradient from the lse
+    if (l.layout == kBlockPerRow && l.splits > 1) {  // segment states, merged per row, then (fused) the gradient
       launch_rows<T>(p, l, kPartial, stream, general);
       check(cudaGetLastError(), "launching the split-row forward kernel");
       launch_finalize<T>(p, l.splits, stream, general);
@@ -146,6 +171,8 @@ DeviceInfo device_info(int device) {
         "cudaDeviceGetAttribute");
   check(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device), "cudaDeviceGetAttribute");
   info.l2_bytes = l2;
+  DeviceGuard guard(device);  // a kernel's attributes are those of the code loaded for the current device
+  info.clusters = clusters_run(device);
   return info;
 }
 

@@ -36,13 +36,16 @@ enum Layout : int {
   kWarpPerRow = 0,          // short rows: a warp per row, several rows per block
   kBlockPerRow = 1,         // long rows: a block per row (or per segment of a row, with splits > 1)
   kBlockPerRowCached = 2,   // fused mode, rows that fit in the block's registers: read from memory once
+  kClusterRowCached = 3,    // fused mode, longer rows in the registers of a thread-block cluster (sm_90+):
+                            // one segment per block, states merged through distributed shared memory
 };
 
 struct Launch {
   int layout = kBlockPerRow;
   int threads = 256;        // threads per block
   int64_t blocks = 1;       // blocks along the rows; each loops over rows with a stride of the grid
-  int splits = 1;           // segments per row (kBlockPerRow only): few long rows still fill the GPU
+  int splits = 1;           // segments per row: kBlockPerRow, so that few long rows still fill the GPU;
+                            // kClusterRowCached, the blocks of a cluster (at most kMaxCluster)
   bool vectorized = true;   // 16-byte loads and stores (logits and dlogits rows share their alignment)
   int device = 0;
   uintptr_t stream = 0;     // cudaStream_t of torch.cuda.current_stream()
@@ -60,6 +63,7 @@ struct DeviceInfo {
   int sms;
   int threads_per_sm;  // resident threads per SM: 2048 on sm_80/90/100, 1536 on sm_86/89/120
   int64_t l2_bytes;
+  bool clusters;       // kClusterRowCached can run: an sm_90+ device, and cluster code built for it
 };
 DeviceInfo device_info(int device);
 

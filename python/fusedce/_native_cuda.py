@@ -17,8 +17,10 @@ except ImportError as e:  # built without nvcc, or with FUSEDCE_BUILD_CUDA=0
     IMPORT_ERROR = f"{type(e).__name__}: {e}"
 
 # Must match enum Layout in csrc/cuda/params.h.
-WARP_PER_ROW, BLOCK_PER_ROW, BLOCK_PER_ROW_CACHED = 0, 1, 2
-CACHE_PACKS = 8  # kCachePacks in csrc/cuda/kernels.cuh: 16-byte packs per thread of the cached layout
+WARP_PER_ROW, BLOCK_PER_ROW, BLOCK_PER_ROW_CACHED, CLUSTER_ROW_CACHED = 0, 1, 2, 3
+CACHE_PACKS = 8  # kCachePacks in csrc/cuda/kernels.cuh: 16-byte packs per thread of the cached layouts
+MAX_CLUSTER = 8  # kMaxCluster there: blocks per cluster
+CLUSTER_THREADS = 512  # two blocks per SM, so that one's reduction overlaps the other's loads
 WARP_ROW_MAX_BYTES = 4096  # up to here a warp per row: a block per row would leave most threads idle
 BLOCK_MAX_THREADS = 512  # uncached rows: two or more blocks per SM overlap one's reduction with another's loads
 SEGMENT_MIN_BYTES = 16384  # a split row's segments stay long enough to stream
@@ -32,6 +34,7 @@ class Device(NamedTuple):
     sms: int
     threads_per_sm: int
     l2_bytes: int
+    clusters: bool = False  # the cluster layout runs: an sm_90+ GPU and code built for it
 
 
 class LaunchPlan(NamedTuple):
@@ -44,6 +47,21 @@ class LaunchPlan(NamedTuple):
 
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
+
+
+def segment_length(vocab: int, parts: int) -> int:
+    """Elements per segment of a row cut into parts (Segment::length in csrc/cuda/kernels.cuh)."""
+    return (-(-vocab // parts) + 7) // 8 * 8
+
+
+def _cluster_shape(vocab: int, per_pack: int):
+    """(blocks per cluster, threads per block) whose registers hold a row, or None past MAX_CLUSTER blocks.
+    Clusters of 2, 4 or 8 blocks: even sizes pack the SM pairs of a GPC."""
+    threads = CLUSTER_THREADS if vocab <= MAX_CLUSTER * CACHE_PACKS * CLUSTER_THREADS * per_pack else 1024
+    for parts in (2, 4, 8):
+        if segment_length(vocab, parts) <= CACHE_PACKS * threads * per_pack:
+            return parts, threads
+    return None
 
 
 def _block_threads(nbytes: int) -> int:
@@ -59,6 +77,10 @@ def plan(rows: int, vocab: int, element_size: int, device: Device, *, fused: boo
     - The fused mode, common options, rows up to 128 KiB and enough of them to fill the GPU: a block per
       row, the row held in registers (CACHE_PACKS x 16 bytes per thread), so the gradient pass reads
       no memory.
+    - The same for rows up to 1 MiB on sm_90+: the row held by a cluster of up to MAX_CLUSTER blocks, a
+      segment each, their softmax states merged through distributed shared memory. A block per
+      (row, segment): the hardware schedules whole clusters as SMs free up, so no persistent grid has
+      to guess how many clusters fit at once.
     - Otherwise a block per row. Too few rows to fill the GPU: each row is split into segments
       (separate blocks) whose softmax states merge in a second kernel. The fused mode re-reads each
       row for its gradient, so the rows in flight are bounded to stay in L2 where that is possible."""
@@ -71,6 +93,10 @@ def plan(rows: int, vocab: int, element_size: int, device: Device, *, fused: boo
         threads = min(1024, max(64, _pow2_at_least(-(-vocab // (per_pack * CACHE_PACKS)))))
         return LaunchPlan(BLOCK_PER_ROW_CACHED, threads,
                           min(rows, device.sms * max(1, device.threads_per_sm // threads)), 1, True)
+    cluster = _cluster_shape(vocab, per_pack) if fused and not general and vectorized and device.clusters else None
+    if cluster and rows * cluster[0] >= device.sms:
+        parts, threads = cluster
+        return LaunchPlan(CLUSTER_ROW_CACHED, threads, min(rows, 2**31 - 1), parts, True)
     threads = _block_threads(row_bytes)
     resident = device.sms * (device.threads_per_sm // threads)
     if not soft and rows < resident:
@@ -111,8 +137,9 @@ def _call(kernel, logits, target, weight, weight_sum, opts, lse, grad_loss, dlog
                   fused=kernel is _cuda.forward and grad_loss is not None, general=general, soft=soft,
                   vectorized=_same_phase(logits, dlogits))
     if kernel is _cuda.forward:  # split rows: 5 floats of softmax state per segment (State in kernels.cuh)
+        split = launch.layout == BLOCK_PER_ROW and launch.splits > 1
         workspace = torch.empty(logits.shape[0] * launch.splits * 5, dtype=torch.float32,
-                                device=logits.device) if launch.splits > 1 else None
+                                device=logits.device) if split else None
         extra["workspace"] = _ptr(workspace)
     kernel(logits=logits.data_ptr(), logits_row_stride=logits.stride(0), rows=logits.shape[0],
            vocab=logits.shape[1], dtype=DTYPE_CODES[logits.dtype],
