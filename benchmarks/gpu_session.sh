@@ -87,7 +87,8 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'fusedce from', 
 }
 
 tests() {
-  local pytest=(python3 -m pytest tests -q -p no:cacheprovider -n 8 --dist loadfile)
+  # -n 12: the Triton tests compile some 400 kernel specialisations, spread over the workers test by test
+  local pytest=(python3 -m pytest tests -q -p no:cacheprovider -n 12)
   limited 120 "$work/tests-triton.log" env FUSEDCE_TEST_BACKENDS=triton,torch "${pytest[@]}" -k "not cuda" \
     --ignore tests/test_triton_compile.py --ignore tests/test_cpu_isa.py
   limited 90 "$work/tests-cuda.log" env FUSEDCE_TEST_BACKENDS=cuda "${pytest[@]}" -k cuda
