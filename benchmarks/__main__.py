@@ -137,6 +137,37 @@ def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, pro
     jobs = [(name, op) for name, p in providers.items() for op in ops if op in p.ops]
     built = [[providers[name].make(op, x) for x in inputs] for name, op in jobs]
     checked_apart = {}  # job index -> (correct, problem), for jobs measured in a process of their own
+
+    def finish(i, ms):
+        """Checks job i against float64 and measures its peak memory; its record, or None."""
+        name, op = jobs[i]
+        label = f"{name} {op} {cases.shape_label(shape)} {str(dtype)[6:]}"
+        progress.step(label)
+        if ms is None:
+            skipped.append({"provider": name, "reason": f"out of memory at {label}"})
+            return None
+        setup, run = built[i][0]
+        loss = None
+        if i in checked_apart:  # running it here would slow the providers measured after it
+            ok, problem = checked_apart[i]
+        else:
+            setup()
+            out = run()
+            ok, problem = suite.check(op, out, inputs[0])
+            loss = None if op == "bwd" else float(out if op == "fwd" else out[0])
+            del out
+        peak = None
+        if memory:
+            peak = (measure.peak_memory_gpu(built[i][0]) if device == "cuda"
+                    else measure.peak_memory_cpu(suite.name, name, op, shape, dtype))
+        record = {"provider": name, "op": op, "shape": list(shape), "dtype": str(dtype)[6:], "ms": ms,
+                  "gbps": suite.traffic_bytes(op, shape, dtype) / (ms * 1e-3) / 1e9, "peak_mem_bytes": peak,
+                  "logits_bytes": size, "loss": loss, "correct": ok, "problem": problem}
+        if suite.flops(op, shape):
+            record["tflops"] = suite.flops(op, shape) / (ms * 1e-3) / 1e12
+        built[i] = None  # its closures hold the leaves and their last gradient, as large as the logits
+        return record
+
     if device == "cpu":
         shared = [i for i, (name, _) in enumerate(jobs) if name not in measure.ISOLATED_PROVIDERS]
         times = [None] * len(jobs)
@@ -146,40 +177,17 @@ def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, pro
             if name in measure.ISOLATED_PROVIDERS:
                 times[i], ok, problem = measure.time_cpu_isolated(suite.name, name, op, shape, dtype, repeats)
                 checked_apart[i] = (ok, problem)
-    else:
-        times = []
-        for copies in built:
+        records = [finish(i, ms) for i, ms in enumerate(times)]
+    else:  # one job at a time, so that only one holds GPU memory
+        records = []
+        for i in range(len(jobs)):
             try:
-                times.append(measure.time_gpu(copies, repeats))
+                ms = measure.time_gpu(built[i], repeats)
             except torch.cuda.OutOfMemoryError:
-                times.append(None)
+                ms = None
                 torch.cuda.empty_cache()
-    records = []
-    for i, ((name, op), copies, ms) in enumerate(zip(jobs, built, times)):
-        label = f"{name} {op} {cases.shape_label(shape)} {str(dtype)[6:]}"
-        progress.step(label)
-        if ms is None:
-            skipped.append({"provider": name, "reason": f"out of memory at {label}"})
-            continue
-        setup, run = copies[0]
-        loss = None
-        if i in checked_apart:  # running it here would slow the providers measured after it
-            ok, problem = checked_apart[i]
-        else:
-            setup()
-            out = run()
-            ok, problem = suite.check(op, out, inputs[0])
-            loss = None if op == "bwd" else float(out if op == "fwd" else out[0])
-        peak = None
-        if memory:
-            peak = (measure.peak_memory_gpu(copies[0]) if device == "cuda"
-                    else measure.peak_memory_cpu(suite.name, name, op, shape, dtype))
-        record = {"provider": name, "op": op, "shape": list(shape), "dtype": str(dtype)[6:], "ms": ms,
-                  "gbps": suite.traffic_bytes(op, shape, dtype) / (ms * 1e-3) / 1e9, "peak_mem_bytes": peak,
-                  "logits_bytes": size, "loss": loss, "correct": ok, "problem": problem}
-        if suite.flops(op, shape):
-            record["tflops"] = suite.flops(op, shape) / (ms * 1e-3) / 1e12
-        records.append(record)
+            records.append(finish(i, ms))
+    records = [r for r in records if r is not None]
     del built, inputs
     if device == "cuda":
         torch.cuda.empty_cache()
