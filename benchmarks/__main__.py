@@ -188,7 +188,8 @@ def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, pro
                 torch.cuda.empty_cache()
             records.append(finish(i, ms))
     records = [r for r in records if r is not None]
-    del built, inputs
+    built.clear()
+    inputs.clear()
     if device == "cuda":
         torch.cuda.empty_cache()
     return records
