@@ -1,5 +1,5 @@
-"""python -m benchmarks [--device cpu|cuda] [--quick] [--out DIR] [--providers ...] [--shapes ...]
-[--dtypes ...] [--ops ...]: time, effective bandwidth, peak memory and correctness of every
+"""python -m benchmarks [--device cpu|cuda] [--quick] [--out DIR] [--providers ...] [--exclude ...]
+[--shapes ...] [--dtypes ...] [--ops ...]: time, effective bandwidth, peak memory and correctness of every
 cross-entropy provider on this machine; writes a table, results.json and PNG plots."""
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="a small set (under 2 minutes on a 2-core CPU)")
     p.add_argument("--out", default=os.path.join("benchmarks", "out"), help="directory for results.json and plots")
     p.add_argument("--providers", help="comma-separated provider names (default: all that can run)")
+    p.add_argument("--exclude", help="comma-separated provider names to leave out")
     p.add_argument("--shapes", help="comma-separated ROWSxVOCAB (ce) or TOKENSxHIDDENxVOCAB (linear); "
                    "SHAPE:DTYPE measures that shape in DTYPE only")
     p.add_argument("--dtypes", help="comma-separated: float32,bfloat16,float16")
@@ -120,32 +121,34 @@ def select(args, suite, device):
         raise SystemExit(f"unknown ops {sorted(unknown)}: expected some of {suite.ops}")
     available = suite.providers(device)
     wanted = args.providers.split(",") if args.providers else list(available)
-    for name in wanted:
+    excluded = args.exclude.split(",") if args.exclude else []
+    for name in wanted + excluded:
         if name not in available:
             raise SystemExit(f"unknown provider {name!r}: expected some of {sorted(available)}")
+    wanted = [n for n in wanted if n not in excluded]
     chosen = {n: available[n] for n in wanted if not isinstance(available[n], str)}
     skipped = [{"provider": n, "reason": available[n]} for n in wanted if isinstance(available[n], str)]
     return configs, ops, chosen, skipped
 
 
-def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, progress, skipped):
-    """Measures every (provider, op) on one shape and dtype; returns the records."""
+class ContextLost(RuntimeError):
+    """A CUDA error left the process's context unusable: nothing after it can run in this process."""
+
+
+def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, progress, records, skipped):
+    """Measures every (provider, op) on one shape and dtype, appending a record per case as it is done."""
     size = suite.logits_bytes(shape, dtype)
     # rotate over input copies that together exceed the L2 cache (50 MB on H100) on the GPU
     n_copies = 1 if device == "cpu" else max(1, min(4, math.ceil(150e6 / size)))
     inputs = [suite.make_inputs(shape, dtype, device, seed=i) for i in range(n_copies)]
     jobs = [(name, op) for name, p in providers.items() for op in ops if op in p.ops]
+    labels = [f"{name} {op} {cases.shape_label(shape)} {str(dtype)[6:]}" for name, op in jobs]
     built = [[providers[name].make(op, x) for x in inputs] for name, op in jobs]
     checked_apart = {}  # job index -> (correct, problem), for jobs measured in a process of their own
 
     def finish(i, ms):
-        """Checks job i against float64 and measures its peak memory; its record, or None."""
+        """Checks job i against float64, measures its peak memory and records it."""
         name, op = jobs[i]
-        label = f"{name} {op} {cases.shape_label(shape)} {str(dtype)[6:]}"
-        progress.step(label)
-        if ms is None:
-            skipped.append({"provider": name, "reason": f"out of memory at {label}"})
-            return None
         setup, run = built[i][0]
         loss = None
         if i in checked_apart:  # running it here would slow the providers measured after it
@@ -165,8 +168,7 @@ def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, pro
                   "logits_bytes": size, "loss": loss, "correct": ok, "problem": problem}
         if suite.flops(op, shape):
             record["tflops"] = suite.flops(op, shape) / (ms * 1e-3) / 1e12
-        built[i] = None  # its closures hold the leaves and their last gradient, as large as the logits
-        return record
+        records.append(record)
 
     if device == "cpu":
         shared = [i for i, (name, _) in enumerate(jobs) if name not in measure.ISOLATED_PROVIDERS]
@@ -177,22 +179,29 @@ def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, pro
             if name in measure.ISOLATED_PROVIDERS:
                 times[i], ok, problem = measure.time_cpu_isolated(suite.name, name, op, shape, dtype, repeats)
                 checked_apart[i] = (ok, problem)
-        records = [finish(i, ms) for i, ms in enumerate(times)]
-    else:  # one job at a time, so that only one holds GPU memory
-        records = []
-        for i in range(len(jobs)):
+        for i, ms in enumerate(times):
+            progress.step(labels[i])
+            finish(i, ms)
+    else:  # one job at a time, so that only one holds GPU memory; one's failure costs only its own record
+        for i, (name, _) in enumerate(jobs):
+            progress.step(labels[i])
+            problem = None
             try:
-                ms = measure.time_gpu(built[i], repeats)
+                finish(i, measure.time_gpu(built[i], repeats))
             except torch.cuda.OutOfMemoryError:
-                ms = None
+                problem = f"out of memory at {labels[i]}"
+            except Exception as e:  # noqa: BLE001  (a provider's own error, reported as its skip reason)
+                problem = f"{type(e).__name__} at {labels[i]}: {str(e).strip().splitlines()[0][:300]}"
+            built[i] = None  # its closures hold the leaves and their last gradient, as large as the logits
+            if problem:
+                skipped.append({"provider": name, "reason": problem})
                 torch.cuda.empty_cache()
-            records.append(finish(i, ms))
-    records = [r for r in records if r is not None]
+                if not measure.gpu_usable():
+                    raise ContextLost(f"CUDA context lost in provider {name}: {problem}")
     built.clear()
     inputs.clear()
     if device == "cuda":
         torch.cuda.empty_cache()
-    return records
 
 
 def main(argv=None) -> None:
@@ -210,13 +219,16 @@ def main(argv=None) -> None:
     progress = Progress(total)
     copy_gbps = copy_bandwidth(device, repeats)
     records = []
-    interrupted = None
+    interrupted = lost = None
     try:
         for shape, dtype in configs:
-            records += run_config(suite, shape, dtype, ops, providers, device, repeats, not args.no_memory,
-                                  progress, skipped)
+            run_config(suite, shape, dtype, ops, providers, device, repeats, not args.no_memory, progress, records,
+                       skipped)
     except KeyboardInterrupt:  # a time limit (benchmarks/gpu_session.sh sends SIGINT): keep what was measured
         interrupted = f"interrupted with {len(records)} of {total} measurements done"
+    except ContextLost as e:  # keep what was measured; a new process can measure the rest
+        interrupted = lost = f"{e}; stopped with {len(records)} of {total} measurements done"
+    if interrupted:
         print(f"\n{interrupted}", file=sys.stderr)
     result = {"suite": suite.name, "baselines": list(suite.baselines),
               "device": device_name(device), "copy_gbps": copy_gbps, "torch": torch.__version__,
@@ -236,7 +248,7 @@ def main(argv=None) -> None:
     if not all(r["correct"] for r in records if r["provider"].startswith("fusedce")):
         raise SystemExit("a fusedce provider gave a wrong result (see the table)")
     if interrupted:
-        raise SystemExit(130)
+        raise SystemExit(3 if lost else 130)  # 3: benchmarks/gpu_session.sh runs the rest without that provider
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Timing, peak memory and correctness of one benchmark case.
 
 GPU: CUDA events around each call, warm-up first, the median of many repeats, inputs rotated over
-copies that together exceed the L2 cache so small shapes are not flattered. CPU: perf_counter
-medians with the cases interleaved (a slow phase of the machine hits every provider alike).
+copies that together exceed the L2 cache so small shapes are not flattered, and L2 overwritten after
+each untimed setup. CPU: perf_counter medians with the cases interleaved (a slow phase of the machine
+hits every provider alike).
 Peak memory: on the GPU torch.cuda.max_memory_allocated after a reset; on the CPU the peak resident
 set (VmHWM, reset through /proc/self/clear_refs) of a fresh subprocess per case (probe.py), so no
 provider's freed-but-cached memory hides another's. Both are the peak over what existed before the
@@ -39,9 +40,12 @@ def time_cpu(cases: Sequence[Sequence[Case]], repeats: int, warmup: int = 1) -> 
 
 def time_gpu(copies: Sequence[Case], repeats: int, warmup: int = 3) -> float:
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
+    # written after each setup: what setup read (the forward before a timed backward) leaves L2 for memory
+    l2_flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     for r in range(warmup + repeats):
         setup, run = copies[r % len(copies)]
         setup()
+        l2_flush.zero_()
         if r >= warmup:
             events[r - warmup][0].record()
         run()
@@ -49,6 +53,16 @@ def time_gpu(copies: Sequence[Case], repeats: int, warmup: int = 3) -> float:
             events[r - warmup][1].record()
     torch.cuda.synchronize()
     return statistics.median(start.elapsed_time(end) for start, end in events)
+
+
+def gpu_usable() -> bool:
+    """False once a CUDA error (an illegal address, say) has left this process's context unusable."""
+    try:
+        torch.cuda.synchronize()
+        torch.zeros(1, device="cuda").add_(1).item()
+        return True
+    except RuntimeError:
+        return False
 
 
 def peak_memory_gpu(case: Case) -> int:

@@ -29,7 +29,12 @@ def _liger_loss():
 
 @functools.lru_cache(maxsize=None)
 def _compiled_cross_entropy():
-    return torch.compile(F.cross_entropy)
+    # A static graph per shape, as a fixed-shape training loop gets; past dynamo's default of 8 graphs a
+    # sweep would silently time eager F.cross_entropy under this name, so the limit is raised and made an error.
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, 64)
+    dynamo.fail_on_recompile_limit_hit = True
+    return torch.compile(F.cross_entropy, dynamic=False)
 
 
 class Provider:
@@ -37,20 +42,31 @@ class Provider:
     (logits, target) for cross-entropy, (input, weight, target) for linear cross-entropy; the leaves
     get gradients."""
 
-    def __init__(self, name: str, loss: Callable, ops=("fwd", "bwd", "fwd+bwd"), fused_loss: Optional[Callable] = None):
+    def __init__(self, name: str, loss: Callable, ops=("fwd", "bwd", "fwd+bwd"), fused_loss: Optional[Callable] = None,
+                 overwrites_inputs: bool = False):
         self.name, self.loss, self.ops, self.fused_loss = name, loss, ops, fused_loss
+        self.overwrites_inputs = overwrites_inputs  # e.g. a gradient written into the logits' memory
 
     def make(self, op: str, inputs: Tuple[torch.Tensor, ...]) -> Tuple[Callable, Callable]:
         """(setup, run): setup() runs untimed before each timed run(); run() returns what to check:
         the loss (fwd), the leaves' gradients (bwd), or both."""
-        *leaves, target = inputs
+        *originals, target = inputs
+        # a provider that overwrites its inputs gets its own copies, restored before each call
+        leaves = [t.detach().clone() if self.overwrites_inputs else t.detach() for t in originals]
+
+        def restore():
+            if self.overwrites_inputs:
+                with torch.no_grad():
+                    for t, original in zip(leaves, originals):
+                        t.copy_(original)
+
         if op == "fwd":
-            detached = [t.detach() for t in leaves]
-            return (lambda: None), (lambda: self.loss(*detached, target))
-        leaves = [t.detach().requires_grad_() for t in leaves]
+            return restore, (lambda: self.loss(*leaves, target))
+        leaves = [t.requires_grad_() for t in leaves]
         state = {}
 
         def clear():
+            restore()
             for t in leaves:
                 t.grad = None
 
@@ -95,8 +111,9 @@ def cross_entropy_providers(device: str) -> Dict[str, object]:
     try:
         liger = _liger_loss()
         # Liger always computes the gradient inside its forward: its fwd+bwd is its fused mode
-        out["liger"] = (Provider("liger", lambda x, t: liger(x, t), ops=("fwd", "fwd+bwd")) if device == "cuda"
-                        else "Liger-Kernel runs on CUDA tensors only")
+        # it writes the gradient into the logits' memory
+        out["liger"] = (Provider("liger", lambda x, t: liger(x, t), ops=("fwd", "fwd+bwd"), overwrites_inputs=True)
+                        if device == "cuda" else "Liger-Kernel runs on CUDA tensors only")
     except ImportError as e:
         out["liger"] = f"liger-kernel is not importable ({e})"
     return out

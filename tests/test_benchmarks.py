@@ -1,12 +1,17 @@
-"""The benchmark harness's own behaviour: which cases a command line selects, and that a run stopped at a
-time limit still writes what it measured."""
+"""The benchmark harness's own behaviour: which cases a command line selects, that a run stopped at a
+time limit or by a failing provider still writes what it measured, and that providers cannot disturb
+each other's inputs."""
+import functools
 import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks import __main__ as harness
+from benchmarks import measure
 from benchmarks.cases import SUITES
+from benchmarks.providers import Provider
 
 
 def configs(*argv):
@@ -23,22 +28,91 @@ def test_unknown_dtype_is_named():
         configs("--shapes", "8x16:fp8")
 
 
-def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop,code,why", [
+    (KeyboardInterrupt(), 130, "interrupted"),  # what SIGINT at a time limit raises
+    (harness.ContextLost("CUDA context lost in provider x: boom"), 3, "CUDA context lost in provider x: boom; stopped"),
+], ids=["time_limit", "cuda_context_lost"])
+def test_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch, stop, code, why):
     real_run_config = harness.run_config
     calls = []
 
     def second_config_interrupted(*args, **kwargs):
         calls.append(args[1])
         if len(calls) == 2:
-            raise KeyboardInterrupt  # what SIGINT at a time limit raises
+            raise stop
         return real_run_config(*args, **kwargs)
 
     monkeypatch.setattr(harness, "run_config", second_config_interrupted)
-    with pytest.raises(SystemExit) as stop:
+    with pytest.raises(SystemExit) as exit_:
         harness.main(["--device", "cpu", "--providers", "fusedce-torch", "--ops", "fwd", "--no-memory",
                       "--repeats", "1", "--shapes", "4x16,4x32,4x64", "--dtypes", "float32", "--out", str(tmp_path)])
-    assert stop.value.code == 130
+    assert exit_.value.code == code
     result = json.loads((tmp_path / "results-ce.json").read_text())
-    assert result["interrupted"] == "interrupted with 1 of 3 measurements done"
+    assert result["interrupted"] == f"{why} with 1 of 3 measurements done"
     assert [r["shape"] for r in result["records"]] == [[4, 16]]
     assert result["records"][0]["correct"]
+
+
+def test_exclude_leaves_providers_out():
+    args = harness.parse_args(["--device", "cpu", "--exclude", "unfused,torch-compile"])
+    _, _, chosen, _ = harness.select(args, SUITES["ce"], "cpu")
+    assert "unfused" not in chosen and "torch-compile" not in chosen and "fusedce-cpu" in chosen
+    with pytest.raises(SystemExit, match="unknown provider 'nope'"):
+        harness.select(harness.parse_args(["--device", "cpu", "--exclude", "nope"]), SUITES["ce"], "cpu")
+
+
+def test_a_provider_that_overwrites_its_inputs_gets_restored_copies():
+    """Liger-Kernel writes the gradient into the logits: neither the shared inputs nor its own next call
+    may see that."""
+    def overwriting_loss(x, t):
+        loss = F.cross_entropy(x, t)
+        x.data.fill_(7.0)  # what an in-place gradient does to the caller's tensor
+        return loss
+
+    logits, target = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    kept = logits.clone()
+    expected = F.cross_entropy(logits, target)
+    provider = Provider("overwrites", overwriting_loss, overwrites_inputs=True)
+    for op in ("fwd", "fwd+bwd"):
+        setup, run = provider.make(op, (logits, target))
+        for _ in range(2):
+            setup()
+            out = run()
+            torch.testing.assert_close(out if op == "fwd" else out[0], expected)
+    assert torch.equal(logits, kept)
+
+
+def _gpu_branch_on_the_cpu(monkeypatch, usable):
+    """run_config's one-case-at-a-time GPU branch, run on CPU tensors with CPU timing."""
+    monkeypatch.setattr(measure, "time_gpu", lambda copies, repeats: measure.time_cpu([copies], repeats)[0])
+    monkeypatch.setattr(measure, "peak_memory_gpu", lambda case: 0)
+    monkeypatch.setattr(measure, "gpu_usable", lambda: usable)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    suite = SUITES["ce"]
+    make_inputs = suite.make_inputs
+    monkeypatch.setattr(suite, "make_inputs", lambda shape, dtype, device, seed=0: make_inputs(shape, dtype, "cpu", seed))
+
+    def broken(x, t):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    providers = {"broken": Provider("broken", broken), "torch": Provider("torch", F.cross_entropy)}
+    records, skipped = [], []
+    run = functools.partial(harness.run_config, suite, (4, 16), torch.float32, ["fwd", "fwd+bwd"], providers, "cuda",
+                            1, True, harness.Progress(4), records, skipped)
+    return run, records, skipped
+
+
+def test_a_failing_provider_costs_only_its_own_records(monkeypatch):
+    run, records, skipped = _gpu_branch_on_the_cpu(monkeypatch, usable=True)
+    run()
+    assert [(r["provider"], r["op"], r["correct"]) for r in records] == [("torch", "fwd", True), ("torch", "fwd+bwd", True)]
+    assert [s["reason"] for s in skipped] == [
+        f"RuntimeError at broken {op} 4x16 float32: CUDA error: an illegal memory access was encountered"
+        for op in ("fwd", "fwd+bwd")]
+
+
+def test_a_lost_cuda_context_stops_the_run(monkeypatch):
+    run, records, skipped = _gpu_branch_on_the_cpu(monkeypatch, usable=False)
+    with pytest.raises(harness.ContextLost, match="CUDA context lost in provider broken: RuntimeError at broken fwd"):
+        run()
+    assert records == [] and len(skipped) == 1
