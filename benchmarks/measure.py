@@ -40,7 +40,8 @@ def time_cpu(cases: Sequence[Sequence[Case]], repeats: int, warmup: int = 1) -> 
 
 def time_gpu(copies: Sequence[Case], repeats: int, warmup: int = 3) -> float:
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-    # written after each setup: what setup read (the forward before a timed backward) leaves L2 for memory
+    # overwritten after each setup, so that what setup touched (the forward before a timed backward) is
+    # read from memory by the timed call, not from L2
     l2_flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     for r in range(warmup + repeats):
         setup, run = copies[r % len(copies)]
