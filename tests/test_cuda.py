@@ -182,13 +182,18 @@ LAYOUT_CASES = {
 }
 
 
-@pytest.mark.parametrize("name", list(LAYOUT_CASES))
-def test_layout_cases_reach_their_layout_on_an_h100(name):
-    rows, vocab, dtype, fused, case, expected = LAYOUT_CASES[name]
+def plan_case(name, device=H100):
+    """(layout, splits) a device gets for LAYOUT_CASES[name]."""
+    rows, vocab, dtype, fused, case, _ = LAYOUT_CASES[name]
     general = any(k in case for k in ("weight", "soft", "label_smoothing", "softcap"))
     p = plan(rows, vocab, torch.empty((), dtype=dtype).element_size(), fused=fused, general=general,
-             soft="soft" in case)
-    assert (p.layout, p.splits) == expected
+             soft="soft" in case, device=device)
+    return p.layout, p.splits
+
+
+@pytest.mark.parametrize("name", list(LAYOUT_CASES))
+def test_layout_cases_reach_their_layout_on_an_h100(name):
+    assert plan_case(name) == LAYOUT_CASES[name][-1]
 
 
 def _inputs(rows, vocab, dtype, case):
@@ -205,12 +210,9 @@ def _inputs(rows, vocab, dtype, case):
 
 def _skip_unless_planned_here(name):
     """The GPU tests below are about one layout each: skip where this GPU would plan another."""
-    rows, vocab, dtype, fused, case, expected = LAYOUT_CASES[name]
-    general = any(k in case for k in ("weight", "soft", "label_smoothing", "softcap"))
-    here = plan(rows, vocab, torch.empty((), dtype=dtype).element_size(), fused=fused, general=general,
-                soft="soft" in case, device=_native_cuda.device_info(torch.cuda.current_device()))
-    if (here.layout, here.splits) != expected:
-        pytest.skip(f"{torch.cuda.get_device_name()} plans {here} for this case, not layout and splits {expected}")
+    here, expected = plan_case(name, _native_cuda.device_info(torch.cuda.current_device())), LAYOUT_CASES[name][-1]
+    if here != expected:
+        pytest.skip(f"{torch.cuda.get_device_name()} plans layout and splits {here} for this case, not {expected}")
 
 
 @needs_gpu
