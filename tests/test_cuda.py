@@ -27,7 +27,8 @@ def plan(rows, vocab, element_size, fused=False, general=False, soft=False, vect
 def test_short_rows_get_a_warp_each():
     p = plan(10000, 1000, 4)
     assert p.layout == _native_cuda.WARP_PER_ROW and p.threads == 256 and p.splits == 1
-    assert p.blocks == min(-(-10000 // 8), 132 * 2048 // 256)  # 8 rows per block, a full GPU of blocks
+    # 8 rows per block, a full GPU of blocks: 1024 threads per SM, as many as the registers hold
+    assert p.blocks == min(-(-10000 // 8), 132 * 1024 // 256)
 
 
 @pytest.mark.parametrize("vocab,element_size", [(32000, 4), (32003, 4), (65536, 2), (2000, 4)])
@@ -73,7 +74,7 @@ def test_cluster_layout_only_where_it_applies(why):
 def test_few_long_rows_are_split_to_fill_the_gpu():
     p = plan(64, 262144, 2)
     assert p.layout == _native_cuda.BLOCK_PER_ROW and p.blocks == 64
-    assert p.splits * 64 >= 132 * 4  # four resident 512-thread blocks per SM
+    assert p.splits * 64 >= 132 * 2  # two resident 512-thread blocks per SM
     small = plan(64, 16384, 4)  # 64 KiB rows in 16 KiB segments: threads sized for a segment, not the row
     assert small.splits == 4 and small.threads == 256
     # one row: as many segments as keep each at least SEGMENT_MIN_BYTES long
@@ -89,13 +90,21 @@ def test_few_long_rows_are_split_to_fill_the_gpu():
 
 def test_many_long_rows_are_not_split():
     p = plan(8192, 128256, 2)
-    assert p.splits == 1 and p.threads == 512 and p.blocks == 132 * 2048 // 512
+    assert p.splits == 1 and p.threads == 512 and p.blocks == 132 * 1024 // 512
+    assert plan(300, 128256, 2).splits == 1  # 300 rows already fill the 264 resident blocks
 
 
 def test_plan_follows_the_resident_threads_of_the_gpu():
-    ada = _native_cuda.Device(sms=128, threads_per_sm=1536, l2_bytes=72 << 20)  # sm_89: 1536 threads per SM
-    assert plan(8192, 128256, 2, device=ada).blocks == 128 * 1536 // 512
-    assert plan(10000, 1000, 4, device=ada).blocks == 128 * 1536 // 256
+    # 64 registers a thread: an SM's 64K registers hold 1024 threads, below the 2048 (sm_90) or 1536 (sm_89)
+    # it could schedule; the cached layout's 1024-thread blocks run one per SM
+    ada = _native_cuda.Device(sms=128, threads_per_sm=1536, l2_bytes=72 << 20)
+    assert plan(8192, 128256, 2, device=ada).blocks == 128 * 1024 // 512
+    cached = plan(16384, 32000, 4, fused=True)
+    assert (cached.layout, cached.threads, cached.blocks) == (_native_cuda.BLOCK_PER_ROW_CACHED, 1024, 132)
+    # where the registers would hold more, the SM's thread limit binds
+    roomy = _native_cuda.Device(sms=128, threads_per_sm=1536, l2_bytes=72 << 20, regs_per_sm=1 << 17)
+    assert plan(8192, 128256, 2, device=roomy).blocks == 128 * 1536 // 512
+    assert plan(10000, 1000, 4, device=roomy).blocks == 128 * 1536 // 256
 
 
 @needs_module

@@ -169,6 +169,8 @@ DeviceInfo device_info(int device) {
   check(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   check(cudaDeviceGetAttribute(&info.threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device),
         "cudaDeviceGetAttribute");
+  check(cudaDeviceGetAttribute(&info.regs_per_sm, cudaDevAttrMaxRegistersPerMultiprocessor, device),
+        "cudaDeviceGetAttribute");
   check(cudaDeviceGetAttribute(&l2, cudaDevAttrL2CacheSize, device), "cudaDeviceGetAttribute");
   info.l2_bytes = l2;
   DeviceGuard guard(device);  // a kernel's attributes are those of the code loaded for the current device

@@ -100,7 +100,8 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("device"), py::arg("stream"));
   m.def("device_info", [](int device) {
     const auto info = fusedce::cuda::device_info(device);
-    return py::make_tuple(info.sms, info.threads_per_sm, info.l2_bytes, info.clusters);
+    return py::make_tuple(info.sms, info.threads_per_sm, info.l2_bytes, info.clusters, info.regs_per_sm);
   }, py::arg("device"),
-        "(streaming multiprocessors, resident threads per SM, L2 bytes, whether the cluster layout runs) of a device");
+        "(streaming multiprocessors, resident threads per SM, L2 bytes, whether the cluster layout runs, registers "
+        "per SM) of a device");
 }

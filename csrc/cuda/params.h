@@ -62,6 +62,7 @@ void scale(void* grad, int dtype, int64_t rows, int64_t vocab, int64_t row_strid
 struct DeviceInfo {
   int sms;
   int threads_per_sm;  // resident threads per SM: 2048 on sm_80/90/100, 1536 on sm_86/89/120
+  int regs_per_sm;     // 32-bit registers per SM: 65536 on sm_80 to sm_120
   int64_t l2_bytes;
   bool clusters;       // kClusterRowCached can run: an sm_90+ device, and cluster code built for it
 };

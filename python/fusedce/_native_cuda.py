@@ -24,6 +24,9 @@ CLUSTER_THREADS = 512  # two blocks per SM, so that one's reduction overlaps the
 WARP_ROW_MAX_BYTES = 4096  # up to here a warp per row: a block per row would leave most threads idle
 BLOCK_MAX_THREADS = 512  # uncached rows: two or more blocks per SM overlap one's reduction with another's loads
 SEGMENT_MIN_BYTES = 16384  # a split row's segments stay long enough to stream
+# __launch_bounds__(1024) caps the row kernels at 64 registers a thread, and the 16-byte ones use them
+# all (ptxas, sm_90: 62-64): an SM with 64K registers holds 1024 of their threads, not its 2048.
+KERNEL_REGISTERS = 64
 
 
 def available() -> bool:
@@ -35,6 +38,7 @@ class Device(NamedTuple):
     threads_per_sm: int
     l2_bytes: int
     clusters: bool = False  # the cluster layout runs: an sm_90+ GPU and code built for it
+    regs_per_sm: int = 65536
 
 
 class LaunchPlan(NamedTuple):
@@ -64,6 +68,12 @@ def _cluster_shape(vocab: int, per_pack: int):
     return None
 
 
+def _resident_blocks(device: Device, threads: int) -> int:
+    """Blocks of `threads` threads that one SM runs at once: as many as its threads and its registers allow
+    (an underestimate for the scalar kernels of unaligned rows, which use fewer registers)."""
+    return max(1, min(device.threads_per_sm, device.regs_per_sm // KERNEL_REGISTERS) // threads)
+
+
 def _block_threads(nbytes: int) -> int:
     """Threads for a block reading nbytes of a row: at least 4 packs of 16 bytes each."""
     return min(BLOCK_MAX_THREADS, max(128, _pow2_at_least(-(-nbytes // 64))))
@@ -87,18 +97,18 @@ def plan(rows: int, vocab: int, element_size: int, device: Device, *, fused: boo
     row_bytes = vocab * element_size
     per_pack = 16 // element_size
     if row_bytes <= WARP_ROW_MAX_BYTES:
-        return LaunchPlan(WARP_PER_ROW, 256, min(-(-rows // 8), device.sms * device.threads_per_sm // 256), 1,
+        return LaunchPlan(WARP_PER_ROW, 256, min(-(-rows // 8), device.sms * _resident_blocks(device, 256)), 1,
                           vectorized)
     if fused and not general and vectorized and vocab <= CACHE_PACKS * 1024 * per_pack and rows >= device.sms:
         threads = min(1024, max(64, _pow2_at_least(-(-vocab // (per_pack * CACHE_PACKS)))))
         return LaunchPlan(BLOCK_PER_ROW_CACHED, threads,
-                          min(rows, device.sms * max(1, device.threads_per_sm // threads)), 1, True)
+                          min(rows, device.sms * _resident_blocks(device, threads)), 1, True)
     cluster = _cluster_shape(vocab, per_pack) if fused and not general and vectorized and device.clusters else None
     if cluster and rows * cluster[0] >= device.sms:
         parts, threads = cluster
         return LaunchPlan(CLUSTER_ROW_CACHED, threads, min(rows, 2**31 - 1), parts, True)
     threads = _block_threads(row_bytes)
-    resident = device.sms * (device.threads_per_sm // threads)
+    resident = device.sms * _resident_blocks(device, threads)
     if not soft and rows < resident:
         splits = max(1, min(-(-resident // rows), row_bytes // SEGMENT_MIN_BYTES, 65535))
         if splits > 1:
