@@ -1,6 +1,11 @@
 """The CUDA C++ backend: its launch planning and packaging (on any machine), and on a GPU every launch
 layout against float64, agreement with the Triton and CPU backends, and CUDA-graph capture. The shared
 grid (test_parity, test_extras, test_ops) runs it too when there is a GPU."""
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -166,6 +171,28 @@ def test_native_module_rejects_bad_launches_before_touching_the_gpu(bad, message
     """The launch checks run before any CUDA call, so they raise the same with or without a GPU."""
     with pytest.raises((ValueError, RuntimeError), match=message):
         _native_cuda._cuda.forward(**dict(LAUNCH_ARGS, **bad))
+
+
+CUDA_SOURCES = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or not CUDA_SOURCES.is_dir(),
+                    reason="needs nvcc and the sources in csrc/cuda")
+@pytest.mark.parametrize("dtype", ["f32", "bf16"])
+def test_gradient_packs_leave_in_16_byte_stores(dtype, tmp_path):
+    """In the kernels that move 16-byte packs, each pack of the gradient is one 16-byte store. nvcc 13.0
+    splits a plain C++ uint4 store into 4-byte ones there (four times the store instructions for the
+    same bytes), which is why store() in kernels.cuh writes PTX."""
+    ptx = tmp_path / "kernels.ptx"
+    subprocess.run(["nvcc", "-ptx", "-arch=sm_90", "-O3", "-std=c++17", str(CUDA_SOURCES / f"kernels_{dtype}.cu"),
+                    "-o", str(ptx)], check=True, capture_output=True)
+    entries = {body.split("(")[0]: body for body in ptx.read_text().split(".entry ")[1:]}
+    cached = [name for name in entries if "cached_row_kernel" in name]
+    vector_rows = [name for name in entries if re.search(r"10row_kernelI(f|13__nv_bfloat16)Li[48]E", name)]
+    assert len(cached) == 2 and len(vector_rows) == 4, list(entries)  # (fused, cluster); (warp, block) x general
+    for name in cached + vector_rows:
+        assert entries[name].count("st.global.v4.") >= (_native_cuda.CACHE_PACKS if name in cached else 1), name
+        assert "st.global.v2." not in entries[name], name
 
 
 # ---- on a GPU ------------------------------------------------------------------------------------------
