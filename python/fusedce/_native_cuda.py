@@ -24,8 +24,8 @@ CLUSTER_THREADS = 512  # two blocks per SM, so that one's reduction overlaps the
 WARP_ROW_MAX_BYTES = 4096  # up to here a warp per row: a block per row would leave most threads idle
 BLOCK_MAX_THREADS = 512  # uncached rows: two or more blocks per SM overlap one's reduction with another's loads
 SEGMENT_MIN_BYTES = 16384  # a split row's segments stay long enough to stream
-# __launch_bounds__(1024) caps the row kernels at 64 registers a thread, and the 16-byte ones use them
-# all (ptxas, sm_90: 62-64): an SM with 64K registers holds 1024 of their threads, not its 2048.
+# __launch_bounds__(1024) caps the row kernels at 64 registers a thread, and the 16-byte ones use 56 to 64
+# (ptxas, sm_90): an SM with 64K registers holds about 1024 of their threads, not its 2048.
 KERNEL_REGISTERS = 64
 
 
