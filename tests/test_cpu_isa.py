@@ -9,7 +9,7 @@ import pytest
 
 CHECK = textwrap.dedent("""
     import sys, torch, torch.nn.functional as F, fusedce
-    from fusedce import _native
+    from fusedce import _C as _native
     try:
         isa = _native.isa()
     except ValueError as e:  # FUSEDCE_CPU_ISA names a set this CPU lacks

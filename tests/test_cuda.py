@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import fusedce
-from fusedce import _native_cuda
+from fusedce.backends import cuda as _native_cuda
 from reference import assert_close, reference_loss, to64
 
 H100 = _native_cuda.Device(sms=132, threads_per_sm=2048, l2_bytes=50 << 20, clusters=True)
 A100 = _native_cuda.Device(sms=108, threads_per_sm=2048, l2_bytes=40 << 20)  # sm_80: no clusters
-needs_module = pytest.mark.skipif(not _native_cuda.available(),
+needs_module = pytest.mark.skipif(not (_native_cuda._cuda is not None),
                                   reason=f"built without the CUDA kernels: {_native_cuda.IMPORT_ERROR}")
-needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and _native_cuda.available()),
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and (_native_cuda._cuda is not None)),
                                reason="needs a CUDA device and the CUDA kernels")
 
 

@@ -9,6 +9,7 @@
 #include <exception>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace fusedce {
 namespace {
@@ -57,12 +58,30 @@ void check_targets(const CrossEntropyArgs& a) {
   }
 }
 
+template <typename Acc>
+const Acc* weights(const CrossEntropyArgs& a) {
+  return static_cast<const Acc*>(a.weight);
+}
+
 double weight_sum(const CrossEntropyArgs& a) {
   if (!a.weight) return double(a.vocab);
   double s = 0;
-  for (int64_t j = 0; j < a.vocab; ++j)
-    s += a.dtype == kFloat64 ? static_cast<const double*>(a.weight)[j] : static_cast<const float*>(a.weight)[j];
+  for (int64_t j = 0; j < a.vocab; ++j) s += a.dtype == kFloat64 ? weights<double>(a)[j] : weights<float>(a)[j];
   return s;
+}
+
+// The scalar in `dtype` at p, rounded to nearest even.
+void store_scalar(void* p, int dtype, double v) {
+  switch (dtype) {
+    case kFloat64: *static_cast<double*>(p) = v; return;
+    case kFloat16: *static_cast<_Float16*>(p) = _Float16(float(v)); return;
+    case kBFloat16: {
+      const uint32_t u = __builtin_bit_cast(uint32_t, float(v));
+      *static_cast<uint16_t*>(p) = v != v ? uint16_t((u >> 16) | 0x40u) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+      return;
+    }
+    default: *static_cast<float*>(p) = float(v);
+  }
 }
 
 // Streaming stores (stream_bytes in kernel_impl.h) pay off when the gradient overwrites the logits
@@ -72,9 +91,22 @@ double weight_sum(const CrossEntropyArgs& a) {
 // (102 -> 129 ms): each first touch faults in a zeroed page, which the streaming store then evicts.
 constexpr int64_t kStreamingMinBytes = int64_t(64) << 20;
 
+// A fresh multi-megabyte gradient buffer costs a page fault per 4 KiB on first write; asking for
+// transparent huge pages first halves the cost of that first touch (measured: 524 MB written in
+// 67 ms instead of 140 ms on the 2-core CI machine). Only a hint: errors are ignored.
+constexpr int64_t kHugePagesMinBytes = int64_t(8) << 20;
+
+void advise_huge_pages(void* ptr, int64_t nbytes) {
+  const uintptr_t huge = uintptr_t(1) << 21, p = reinterpret_cast<uintptr_t>(ptr);
+  const uintptr_t begin = (p + huge - 1) & ~(huge - 1), end = (p + uintptr_t(nbytes)) & ~(huge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+}
+
+// How dlogits is written: streaming stores in place, huge pages for a fresh buffer (both for large ones).
 BackwardIO with_store_mode(BackwardIO io, const CrossEntropyArgs& a) {
-  const int64_t bytes = a.rows * a.vocab * (a.dtype == kFloat32 ? 4 : a.dtype == kFloat64 ? 8 : 2);
+  const int64_t bytes = a.rows * a.vocab * element_size(a.dtype);
   io.streaming = bytes >= kStreamingMinBytes && io.dlogits == a.logits;
+  if (io.dlogits != a.logits && bytes >= kHugePagesMinBytes) advise_huge_pages(io.dlogits, bytes);
   return io;
 }
 
@@ -105,13 +137,50 @@ void parallel_rows(int64_t rows, int num_threads, Fn fn) {
 
 const char* cpu_isa() { return table().isa; }
 
+double mean_denominator(const CrossEntropyArgs& a) {
+  if (!a.target_index) return double(a.rows);  // probabilities: every row counts once
+  double d = 0;
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const int64_t t = a.target_index[r];
+    if (t == a.ignore_index || t < 0 || t >= a.vocab) continue;
+    d += !a.weight ? 1.0 : a.dtype == kFloat64 ? weights<double>(a)[t] : weights<float>(a)[t];
+  }
+  return d;
+}
+
 void cross_entropy_forward(CrossEntropyArgs a, ForwardOut out, const BackwardIO* grad, int num_threads) {
   check_targets(a);
   a.weight_sum = weight_sum(a);
   const KernelTable& t = table();
+  // A reduced loss (or a gradient without a caller's lse) needs rows of scratch: the per-row losses are
+  // summed after the rows in row order, so the result does not depend on how the rows were split.
+  const int64_t acc_size = a.dtype == kFloat64 ? 8 : 4;
+  std::vector<char> scratch;
+  ForwardOut rows_out = out;
+  if (out.reduction != kNone || !out.lse) {
+    scratch.resize(size_t(2 * a.rows * acc_size));
+    if (out.reduction != kNone) rows_out.loss = scratch.data();
+    if (!out.lse) rows_out.lse = scratch.data() + a.rows * acc_size;
+  }
+  const double denominator = out.reduction == kMean ? mean_denominator(a) : 1.0;
+  // the gradient of the reduced loss: the same grad_loss for every row
+  const double row_grad = 1.0 / denominator;
+  const float row_grad_f = float(row_grad);
   BackwardIO io = grad ? with_store_mode(*grad, a) : BackwardIO{};
+  if (grad) {
+    io.lse = rows_out.lse;
+    if (!io.grad_loss) {
+      io.grad_loss = a.dtype == kFloat64 ? static_cast<const void*>(&row_grad) : &row_grad_f;
+      io.grad_stride = 0;
+    }
+  }
   const BackwardIO* g = grad ? &io : nullptr;
-  parallel_rows(a.rows, num_threads, [&](int64_t b, int64_t e) { t.forward_rows(a, out, g, b, e); });
+  parallel_rows(a.rows, num_threads, [&](int64_t b, int64_t e) { t.forward_rows(a, rows_out, g, b, e); });
+  if (out.reduction == kNone) return;
+  double total = 0;
+  for (int64_t r = 0; r < a.rows; ++r)
+    total += a.dtype == kFloat64 ? static_cast<const double*>(rows_out.loss)[r] : static_cast<const float*>(rows_out.loss)[r];
+  store_scalar(out.loss, out.loss_dtype, out.reduction == kMean ? total / denominator : total);
 }
 
 void cross_entropy_backward(CrossEntropyArgs a, BackwardIO io, int num_threads) {
@@ -120,15 +189,6 @@ void cross_entropy_backward(CrossEntropyArgs a, BackwardIO io, int num_threads) 
   io = with_store_mode(io, a);
   const KernelTable& t = table();
   parallel_rows(a.rows, num_threads, [&](int64_t b, int64_t e) { t.backward_rows(a, io, b, e); });
-}
-
-// A fresh multi-megabyte gradient buffer costs a page fault per 4 KiB on first write; asking for
-// transparent huge pages first halves the cost of that first touch (measured: 524 MB written in
-// 67 ms instead of 140 ms on the 2-core CI machine). Only a hint: errors are ignored.
-void advise_huge_pages(uintptr_t ptr, size_t nbytes) {
-  const uintptr_t huge = uintptr_t(1) << 21;
-  const uintptr_t begin = (ptr + huge - 1) & ~(huge - 1), end = (ptr + nbytes) & ~(huge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
 }
 
 }  // namespace fusedce

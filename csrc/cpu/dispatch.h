@@ -7,9 +7,12 @@
 namespace fusedce {
 
 const char* cpu_isa();
-// grad: when not null, also writes dlogits (grad->lse must be out.lse)
+// grad: when not null, also writes dlogits (its lse is out.lse, or scratch when out.lse is null; its
+// grad_loss may be null in a reduced forward: the gradient of the reduced loss)
 void cross_entropy_forward(CrossEntropyArgs a, ForwardOut out, const BackwardIO* grad, int num_threads);
 void cross_entropy_backward(CrossEntropyArgs a, BackwardIO io, int num_threads);
-void advise_huge_pages(uintptr_t ptr, size_t nbytes);
+// torch's "mean" divisor: the summed weight of the non-ignored targets (their count without a weight;
+// the number of rows for probabilities)
+double mean_denominator(const CrossEntropyArgs& a);
 
 }  // namespace fusedce

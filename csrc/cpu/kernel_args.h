@@ -3,10 +3,12 @@
 #pragma once
 #include <cstdint>
 
+#include "../dtypes.h"
+
 namespace fusedce {
 
-// dtype codes shared with python/fusedce/_native.py
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+// What the forward makes of the per-row losses.
+enum Reduction : int { kNone = 0, kSum = 1, kMean = 2 };
 
 struct CrossEntropyArgs {
   // logits: rows x vocab, unit stride along the vocabulary
@@ -30,14 +32,18 @@ struct CrossEntropyArgs {
   double softcap = 0;  // 0 = off
 };
 
-// Outputs are in the accumulation type: double for fp64 logits, float otherwise.
+// Per-row outputs are in the accumulation type: double for fp64 logits, float otherwise.
 struct ForwardOut {
-  void* loss;  // rows
-  void* lse;   // rows
+  void* loss;          // kNone: rows; kSum / kMean: one element in loss_dtype
+  void* lse;           // rows, or null when not wanted
+  int reduction = kNone;
+  int loss_dtype = kFloat32;
 };
 
 struct BackwardIO {
-  const void* grad_loss;  // rows, any stride (0 when the loss was summed or averaged)
+  // rows, any stride (0 when the loss was summed or averaged); null in a reduced forward: the gradient
+  // of the reduced loss (1 per row for kSum, 1 / the mean's denominator for kMean)
+  const void* grad_loss;
   int64_t grad_stride;
   const void* lse;        // rows, from the forward
   void* dlogits;          // rows x vocab in the logits dtype, unit stride along the vocabulary

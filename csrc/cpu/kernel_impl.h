@@ -128,10 +128,6 @@ inline void convert_out(const Acc* src, int64_t n, T* dst) {
   }
 }
 
-inline int64_t element_size(int dtype) {
-  return dtype == kFloat32 ? 4 : dtype == kFloat64 ? 8 : 2;
-}
-
 // Copies with non-temporal 16-byte stores (SSE2, so every x86-64 has them): a gradient far larger
 // than the caches is not read back soon, and streaming stores skip the read-for-ownership of each
 // destination line, which otherwise costs as much memory traffic as the write itself.

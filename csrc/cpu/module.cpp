@@ -1,5 +1,7 @@
 // pybind11 module fusedce._C: the CPU kernels behind plain integers (pointers, sizes, strides, dtype
-// codes). python/fusedce/_native.py is the one caller and documents each argument.
+// codes). python/fusedce/backends/cpu.py is the one caller and documents each argument. Arguments are
+// positional: pybind11 matches keywords by name on every call, which costs more than the kernel on
+// small inputs.
 #include <pybind11/pybind11.h>
 
 #include "dispatch.h"
@@ -16,18 +18,19 @@ const T* ptr(uintptr_t p) {
   return reinterpret_cast<const T*>(p);
 }
 
+// The arguments every entry point starts with; see struct CrossEntropyArgs.
 CrossEntropyArgs make_args(uintptr_t logits, int64_t logits_row_stride, int64_t rows, int64_t vocab, int dtype,
-                           uintptr_t target_index, uintptr_t target_prob, int64_t target_row_stride,
-                           int target_dtype, uintptr_t weight, int64_t ignore_index, double label_smoothing,
-                           double z_loss, double softcap) {
+                           uintptr_t target, bool target_is_prob, int64_t target_row_stride, int target_dtype,
+                           uintptr_t weight, int64_t ignore_index, double label_smoothing, double z_loss,
+                           double softcap) {
   CrossEntropyArgs a;
   a.logits = ptr<void>(logits);
   a.logits_row_stride = logits_row_stride;
   a.rows = rows;
   a.vocab = vocab;
   a.dtype = dtype;
-  a.target_index = ptr<int64_t>(target_index);
-  a.target_prob = ptr<void>(target_prob);
+  a.target_index = target_is_prob ? nullptr : ptr<int64_t>(target);
+  a.target_prob = target_is_prob ? ptr<void>(target) : nullptr;
   a.target_row_stride = target_row_stride;
   a.target_dtype = target_dtype;
   a.weight = ptr<void>(weight);
@@ -38,28 +41,25 @@ CrossEntropyArgs make_args(uintptr_t logits, int64_t logits_row_stride, int64_t 
   return a;
 }
 
-#define FUSEDCE_ARGS                                                                                  \
-  uintptr_t logits, int64_t logits_row_stride, int64_t rows, int64_t vocab, int dtype,               \
-      uintptr_t target_index, uintptr_t target_prob, int64_t target_row_stride, int target_dtype,    \
-      uintptr_t weight, int64_t ignore_index, double label_smoothing, double z_loss, double softcap
-#define FUSEDCE_ARG_VALUES                                                                             \
-  logits, logits_row_stride, rows, vocab, dtype, target_index, target_prob, target_row_stride,       \
+#define FUSEDCE_ARGS                                                                                   \
+  uintptr_t logits, int64_t logits_row_stride, int64_t rows, int64_t vocab, int dtype, uintptr_t target, \
+      bool target_is_prob, int64_t target_row_stride, int target_dtype, uintptr_t weight,              \
+      int64_t ignore_index, double label_smoothing, double z_loss, double softcap
+#define FUSEDCE_ARG_VALUES                                                                            \
+  logits, logits_row_stride, rows, vocab, dtype, target, target_is_prob, target_row_stride,           \
       target_dtype, weight, ignore_index, label_smoothing, z_loss, softcap
-#define FUSEDCE_ARG_NAMES                                                                              \
-  py::arg("logits"), py::arg("logits_row_stride"), py::arg("rows"), py::arg("vocab"), py::arg("dtype"), \
-      py::arg("target_index"), py::arg("target_prob"), py::arg("target_row_stride"),                  \
-      py::arg("target_dtype"), py::arg("weight"), py::arg("ignore_index"), py::arg("label_smoothing"), \
-      py::arg("z_loss"), py::arg("softcap")
 
-// dlogits = 0: loss and lse only; otherwise also the gradient, scaled per row by grad_loss.
-void forward(FUSEDCE_ARGS, uintptr_t loss, uintptr_t lse, uintptr_t grad_loss, int64_t grad_stride,
-             uintptr_t dlogits, int64_t dlogits_row_stride, int num_threads) {
+// reduction kNone: loss holds rows in the accumulation type; kSum / kMean: one element in loss_dtype.
+// lse = 0: not wanted. dlogits = 0: no gradient; otherwise the gradient, scaled per row by grad_loss
+// (grad_loss = 0 in a reduced forward: the gradient of the reduced loss).
+void forward(FUSEDCE_ARGS, int reduction, uintptr_t loss, int loss_dtype, uintptr_t lse, uintptr_t grad_loss,
+             int64_t grad_stride, uintptr_t dlogits, int64_t dlogits_row_stride, int num_threads) {
   CrossEntropyArgs a = make_args(FUSEDCE_ARG_VALUES);
   BackwardIO io{ptr<void>(grad_loss), grad_stride, ptr<void>(lse), reinterpret_cast<void*>(dlogits),
                 dlogits_row_stride};
+  ForwardOut out{reinterpret_cast<void*>(loss), reinterpret_cast<void*>(lse), reduction, loss_dtype};
   py::gil_scoped_release release;
-  fusedce::cross_entropy_forward(a, ForwardOut{reinterpret_cast<void*>(loss), reinterpret_cast<void*>(lse)},
-                                 dlogits ? &io : nullptr, num_threads);
+  fusedce::cross_entropy_forward(a, out, dlogits ? &io : nullptr, num_threads);
 }
 
 void backward(FUSEDCE_ARGS, uintptr_t grad_loss, int64_t grad_stride, uintptr_t lse, uintptr_t dlogits,
@@ -71,14 +71,29 @@ void backward(FUSEDCE_ARGS, uintptr_t grad_loss, int64_t grad_stride, uintptr_t 
   fusedce::cross_entropy_backward(a, io, num_threads);
 }
 
+// weight: in the accumulation type of `dtype` (the logits' dtype code), or 0.
+double mean_denominator(uintptr_t target, bool target_is_prob, int64_t rows, int64_t vocab, uintptr_t weight,
+                        int dtype, int64_t ignore_index) {
+  CrossEntropyArgs a;
+  a.target_index = target_is_prob ? nullptr : ptr<int64_t>(target);
+  a.rows = rows;
+  a.vocab = vocab;
+  a.weight = ptr<void>(weight);
+  a.dtype = dtype;
+  a.ignore_index = ignore_index;
+  return fusedce::mean_denominator(a);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fusedce CPU kernels (no torch dependency; see fusedce._native)";
+  m.doc() = "fusedce CPU kernels (no torch dependency; see fusedce.backends.cpu)";
+  py::dict dtypes;
+  for (int code = 0; code < fusedce::kDTypeCount; ++code) dtypes[fusedce::kDTypeNames[code]] = code;
+  m.attr("DTYPES") = dtypes;
+  m.attr("REDUCTIONS") = py::make_tuple("none", "sum", "mean");  // enum Reduction, in code order
   m.def("isa", &fusedce::cpu_isa, "instruction set the kernels were dispatched to");
-  m.def("forward", &forward, FUSEDCE_ARG_NAMES, py::arg("loss"), py::arg("lse"), py::arg("grad_loss"),
-        py::arg("grad_stride"), py::arg("dlogits"), py::arg("dlogits_row_stride"), py::arg("num_threads"));
-  m.def("backward", &backward, FUSEDCE_ARG_NAMES, py::arg("grad_loss"), py::arg("grad_stride"), py::arg("lse"),
-        py::arg("dlogits"), py::arg("dlogits_row_stride"), py::arg("num_threads"));
-  m.def("advise_huge_pages", &fusedce::advise_huge_pages, py::arg("ptr"), py::arg("nbytes"));
+  m.def("forward", &forward);
+  m.def("backward", &backward);
+  m.def("mean_denominator", &mean_denominator);
 }

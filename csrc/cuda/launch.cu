@@ -65,8 +65,6 @@ bool is_general(const Params& p) {
   return p.target_prob != nullptr || p.weight != nullptr || p.label_smoothing > 0 || p.softcap > 0;
 }
 
-int element_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
-
 void check_launch(const Params& p, const Launch& l, bool forward, bool fused) {
   check_dtype(p.dtype);
   if (p.target_prob) check_dtype(p.target_dtype);

@@ -1,6 +1,6 @@
 // pybind11 module fusedce._cuda: the CUDA kernels behind plain integers (device pointers, sizes,
 // strides, dtype codes, the device index and the stream handle). Compiled by the host compiler, with
-// no CUDA or torch header; python/fusedce/_native_cuda.py is the one caller and documents each argument.
+// no CUDA or torch header; python/fusedce/backends/cuda.py is the one caller and documents each argument.
 #include <pybind11/pybind11.h>
 
 #include "params.h"
@@ -89,8 +89,11 @@ void backward(FUSEDCE_ARGS) { fusedce::cuda::backward(FUSEDCE_PARAMS, FUSEDCE_LA
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "fusedce CUDA kernels (no torch dependency; see fusedce._native_cuda)";
+  m.doc() = "fusedce CUDA kernels (no torch dependency; see fusedce.backends.cuda)";
   m.attr("archs") = FUSEDCE_CUDA_ARCHS;  // the -gencode targets it was built for
+  py::dict dtypes;
+  for (int code = 0; code < fusedce::kDTypeCount; ++code) dtypes[fusedce::kDTypeNames[code]] = code;
+  m.attr("DTYPES") = dtypes;
   m.def("forward", &forward, FUSEDCE_ARG_NAMES, py::arg("loss"), py::arg("workspace"));
   m.def("backward", &backward, FUSEDCE_ARG_NAMES);
   m.def("scale", [](uintptr_t grad, int dtype, int64_t rows, int64_t vocab, int64_t row_stride, uintptr_t scale,

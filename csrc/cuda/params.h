@@ -1,14 +1,13 @@
 // Arguments of the CUDA cross-entropy kernels. No torch and no CUDA header: the pybind11 module
 // (module.cpp, compiled by the host compiler) fills these from plain integers that
-// python/fusedce/_native_cuda.py passes, and the launchers (launch.cu) read them.
+// python/fusedce/backends/cuda.py passes, and the launchers (launch.cu) read them.
 #pragma once
 #include <cstdint>
 
+#include "../dtypes.h"
+
 namespace fusedce {
 namespace cuda {
-
-// dtype codes shared with python/fusedce/_native.py (the CPU kernels use the same ones)
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 struct Params {
   // pointers (device memory)
@@ -31,7 +30,7 @@ struct Params {
   float label_smoothing = 0, z_loss = 0, softcap = 0;  // softcap 0 = off
 };
 
-// How the rows are spread over the GPU; chosen by python/fusedce/_native_cuda.py (see there why).
+// How the rows are spread over the GPU; chosen by python/fusedce/backends/cuda.py (see there why).
 enum Layout : int {
   kWarpPerRow = 0,          // short rows: a warp per row, several rows per block
   kBlockPerRow = 1,         // long rows: a block per row (or per segment of a row, with splits > 1)

@@ -1,26 +1,27 @@
 """Public API: drop-in replacements for torch.nn.functional.cross_entropy and torch.nn.CrossEntropyLoss.
 
-This layer checks arguments, reshapes (N, C, d1..dk) inputs to rows x C, picks the backend and
-applies the reduction with tensor ops (never .item(), so there is no host sync)."""
+One call, top to bottom: the arguments become a Call (fusedce.arguments: checks, rows x classes,
+backend, result dtype); then one of four paths runs the kernels:
+  - nothing needs a gradient: the backend directly (its kernel reduces "mean"/"sum" itself on the CPU);
+  - the fused mode (a reduced loss in eager autograd): FusedCrossEntropyFunction, gradient in the forward;
+  - otherwise in eager mode: CrossEntropyFunction (per-row loss and lse), then the reduction;
+  - under torch.compile: the custom ops of fusedce.ops, then the reduction.
+No path syncs the host."""
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch.nn import _reduction
 
-from . import backends, checks
-from .function import CrossEntropyFunction, FusedCrossEntropyFunction
-from .options import accumulation_dtype
+from . import ops
+from .arguments import Call, check_reduction, describe
+from .autograd import CrossEntropyFunction, FusedCrossEntropyFunction
+from .errors import InvalidArgument
+from .options import Options
 
-
-def _to_rows(x: torch.Tensor) -> torch.Tensor:
-    """(C,) -> (1, C); (N, C) -> itself; (N, C, d1..dk) -> (N d1..dk, C) with the class dim last."""
-    if x.dim() == 1:
-        x = x.unsqueeze(0)
-    elif x.dim() > 2:
-        x = x.movedim(1, -1).reshape(-1, x.shape[1])
-    return x if x.stride(-1) == 1 else x.contiguous()  # the kernels need unit stride along classes
+_in_functorch_transform = torch._C._functorch.peek_interpreter_stack
 
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
@@ -28,8 +29,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                   reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                   softcap: Optional[float] = None, return_lse: bool = False, inplace_backward: bool = False,
                   fused: Optional[bool] = None, backend: str = "auto"):
-    """Same signature and results as torch.nn.functional.cross_entropy, computed by a fused
-    single-pass kernel that accumulates in fp32 (fp64 for fp64 input). Keyword-only extras:
+    """Same signature and results as torch.nn.functional.cross_entropy (autocast, double backward,
+    torch.func and forward-mode AD included), computed by a fused single-pass kernel that accumulates in
+    fp32 (fp64 for fp64 input). Keyword-only extras:
 
     z_loss: coefficient of the auxiliary z-loss, adds z_loss * lse**2 for every non-ignored row.
     softcap: if set, logits -> softcap * tanh(logits / softcap) before the softmax (Gemma 2 style).
@@ -38,9 +40,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     inplace_backward: write the logits' gradient into the logits' memory (see CrossEntropyFunction);
         in the fused mode this happens in the forward, so the logits hold their gradient from then on.
     fused: compute the logits' gradient during the forward (see FusedCrossEntropyFunction). None (the
-        default) turns it on when it applies: a "mean" or "sum" loss in eager mode whose logits
-        require grad and no return_lse. The gradient's memory is then taken at the forward. Ignored
-        under torch.compile, whose backward would copy that gradient before rescaling it.
+        default) turns it on where it applies: a "mean" or "sum" loss in eager autograd whose logits
+        require grad, no return_lse, no target that requires grad. The gradient's memory is then taken
+        at the forward. Off under torch.compile, torch.func transforms and forward-mode AD.
     backend: "auto" | "cpu" | "cuda" | "triton" | "torch".
 
     "mean" divides by the summed weight of the non-ignored targets (the number of rows for class
@@ -48,83 +50,69 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    checks.check_reduction(reduction)
-    checks.check_options(label_smoothing, z_loss, softcap)
-    checks.check_logits(input)
-    checks.check_target(input, target, ignore_index)
-    checks.check_weight(weight, input)
-    name = backends.resolve(backend, input.device, input.dtype)
-
-    soft = target.is_floating_point()
-    logits = _to_rows(input)
-    rows_target = _to_rows(target) if soft else target.reshape(-1).to(torch.int64).contiguous()
-    acc = accumulation_dtype(input.dtype)
-    w = weight.to(acc).contiguous() if weight is not None else None
-
-    options = (ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0), name)
-    out_dtype = torch.result_type(input, target) if soft else input.dtype
+    call = describe(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend)
+    if call.logits.shape[-1] == 0:
+        return _without_classes(input, target, weight, call, return_lse)
+    kernels = call.backend
+    if torch.compiler.is_compiling():  # fused and inplace_backward are off: the compiler plans the buffers
+        loss, lse = ops.traceable(kernels).forward(call.logits, call.target, call.weight, call.options)
+        return _result(loss, lse, call, return_lse, ops.traceable(kernels))
+    transformed = _forward_ad._current_level >= 0 or _in_functorch_transform() is not None
+    soft_grad = call.target.requires_grad
+    needs_grad = torch.is_grad_enabled() and (input.requires_grad or soft_grad)
+    if not needs_grad and not transformed:
+        if reduction != "none" and not return_lse:
+            return kernels.reduced(call.logits, call.target, call.weight, call.options, reduction, call.out_dtype)
+        loss, lse = kernels.forward(call.logits, call.target, call.weight, call.options)
+        return _result(loss, lse, call, return_lse, kernels)
     if fused is None:
-        fused = (reduction != "none" and not return_lse and input.requires_grad and torch.is_grad_enabled()
-                 and not (soft and target.requires_grad))
-    if fused and (reduction == "none" or return_lse or (soft and target.requires_grad)):
-        raise ValueError("fused=True needs reduction 'mean' or 'sum', return_lse=False and a target that "
-                         "does not require grad: only the logits' gradient of the reduced loss is computed")
-    # a compiled backward copies the gradient saved by the forward before rescaling it: 4 passes, not 3
-    if fused and not torch.compiler.is_compiling():
-        denominator = None if reduction == "sum" else (
-            torch.full((), logits.shape[0], dtype=acc, device=logits.device) if soft  # no host-to-device copy
-            else _mean_denominator(rows_target, w, ignore_index, acc))
-        result = FusedCrossEntropyFunction.apply(logits, rows_target, w, denominator, options, inplace_backward)
-        return result.to(out_dtype)
+        fused = reduction != "none" and not return_lse and not soft_grad and not transformed
+    elif fused and (reduction == "none" or return_lse or soft_grad):
+        raise InvalidArgument("fused=True needs reduction 'mean' or 'sum', return_lse=False and a target that does "
+                              "not require grad: only the logits' gradient of the reduced loss is computed")
+    if fused and not transformed:
+        return FusedCrossEntropyFunction.apply(call.logits, call.target, call.weight, call.options, kernels,
+                                               reduction, call.out_dtype, inplace_backward)
+    loss, lse = CrossEntropyFunction.apply(call.logits, call.target, call.weight, call.options, kernels,
+                                           inplace_backward and not transformed)
+    return _result(loss, lse, call, return_lse, kernels)
 
-    out = CrossEntropyFunction.apply(logits, rows_target, w, *options, inplace_backward, return_lse)
-    loss, lse = out if return_lse else (out, None)
-    batch_shape = target.shape[:1] + target.shape[2:] if soft and target.dim() > 1 else (
-        () if soft else target.shape)
-    if reduction == "none":
-        result = loss.reshape(batch_shape)
-    elif reduction == "sum":
-        result = loss.sum()
-    elif soft:
-        result = loss.sum() / loss.numel()
+
+def _result(loss, lse, call: Call, return_lse: bool, kernels):
+    """The per-row loss reduced and shaped as torch's, and the lse shaped like the unreduced loss."""
+    if call.reduction == "none":
+        loss = loss.reshape(call.batch_shape)
+    elif call.reduction == "sum":
+        loss = loss.sum()
     else:
-        result = loss.sum() / _mean_denominator(rows_target, w, ignore_index, acc)
-    result = result.to(out_dtype)
-    return (result, lse.reshape(batch_shape)) if return_lse else result
+        loss = loss.sum() / kernels.mean_denominator(call.target, call.weight, call.options.ignore_index)
+    loss = loss.to(call.out_dtype)
+    return (loss, lse.reshape(call.batch_shape)) if return_lse else loss
 
 
-def _mean_denominator(target: torch.Tensor, weight: Optional[torch.Tensor], ignore_index: int, acc) -> torch.Tensor:
-    """Summed weight of the non-ignored targets (their count without weight): torch's "mean"."""
-    valid = target != ignore_index
-    if weight is None:
-        return valid.sum().to(acc)
-    safe = torch.where(valid, target, torch.zeros_like(target)).clamp(0, weight.shape[0] - 1)
-    return torch.where(valid, weight[safe], torch.zeros((), dtype=acc, device=weight.device)).sum()
+def _without_classes(input, target, weight, call: Call, return_lse: bool):
+    """Logits with no classes: there is nothing to fuse, and torch's own function gives torch's answer
+    (its loss for probabilities, IndexError for a class index)."""
+    if return_lse or call.options.z_loss or call.options.softcap:
+        raise InvalidArgument(f"return_lse, z_loss and softcap need at least one class, got input of shape "
+                              f"{tuple(input.shape)}")
+    return torch.nn.functional.cross_entropy(input, target, weight, ignore_index=call.options.ignore_index,
+                                             reduction=call.reduction, label_smoothing=call.options.label_smoothing)
 
 
-class CrossEntropyLoss(torch.nn.Module):
-    """Drop-in for torch.nn.CrossEntropyLoss (same constructor), plus the keyword-only extras of
-    fusedce.cross_entropy."""
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """Drop-in for torch.nn.CrossEntropyLoss (same constructor, and an instance of it), plus the
+    keyword-only extras of fusedce.cross_entropy."""
 
     def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None, ignore_index: int = -100,
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                  softcap: Optional[float] = None, return_lse: bool = False, inplace_backward: bool = False,
                  fused: Optional[bool] = None, backend: str = "auto"):
-        super().__init__()
-        if size_average is not None or reduce is not None:
-            reduction = _reduction.legacy_get_string(size_average, reduce)
-        checks.check_reduction(reduction)
-        checks.check_options(label_smoothing, z_loss, softcap)
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.label_smoothing = label_smoothing
-        self.z_loss = z_loss
-        self.softcap = softcap
-        self.return_lse = return_lse
-        self.inplace_backward = inplace_backward
-        self.fused = fused
-        self.backend = backend
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        check_reduction(self.reduction)  # checked now, not at the first call
+        Options.checked(ignore_index, label_smoothing, z_loss, softcap)
+        self.z_loss, self.softcap = z_loss, softcap
+        self.return_lse, self.inplace_backward, self.fused, self.backend = return_lse, inplace_backward, fused, backend
 
     def forward(self, input: torch.Tensor, target: torch.Tensor):
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,

@@ -6,18 +6,24 @@ is O(chunk x vocab) instead of O(tokens x vocab).
 
 "mean"/"sum": all gradients are computed during the forward (three matmuls in all, as the
 materialised path) and the backward only rescales them (at once when grad_output is 1).
-"none": the forward computes the loss and the per-row lse; the backward recomputes each chunk's
-logits and applies the per-row grad_output (one more matmul, needed for arbitrary grad_output)."""
+"none", and every reduction under torch.compile (whose graphs cannot hold the in-place gradient): the
+forward computes the loss and the per-row lse; the backward recomputes each chunk's logits and applies
+the grad_output (one more matmul).
+
+Under torch.autocast the head runs as F.linear would (input, weight and bias cast to the autocast
+dtype) and the loss is fp32, as torch's cross_entropy gives there."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import backends, checks, ops
-from .api import _mean_denominator
-from .options import accumulation_dtype
+from . import backends, ops
+from .arguments import check_reduction, check_target, check_weight, output_dtype
+from .errors import InvalidArgument
+from .options import Options, accumulation_dtype
 
 # Bytes of one chunk's logits when the caller gives no chunk_size: large enough that the matmuls
 # run at full speed, small beside the [tokens, vocab] logits this replaces.
@@ -79,73 +85,89 @@ def _chunk_logits(x, weight, bias):
     return torch.addmm(bias, x, weight.t()) if bias is not None else x @ weight.t()
 
 
+def _autocast_off(device_type: str):
+    """The Function runs its matmuls in the dtypes it was given (autocast would recast their operands and
+    reject the fp32 accumulation buffers)."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """apply(input [N, H], weight [V, H], bias [V] or None, target, class_weight, denominator,
-    reduction, options, chunk) -> loss; options as for fusedce.ops.cross_entropy_forward."""
+    """apply(input [N, H], weight [V, H], bias [V] or None, target, class_weight, denominator, reduction,
+    options, backend, chunk) -> loss; options and backend as for fusedce.CrossEntropyFunction, the
+    denominator that of "mean" (None otherwise)."""
 
     @staticmethod
-    def forward(ctx, input, weight, bias, target, class_weight, denominator, reduction, options, chunk):
+    def forward(ctx, input, weight, bias, target, class_weight, denominator, reduction, options, backend, chunk):
         tokens = input.shape[0]
         needs = ctx.needs_input_grad[:3]
         acc = accumulation_dtype(input.dtype)
         ctx.save_for_backward(input, weight, bias, target, class_weight)
-        ctx.options, ctx.chunk, ctx.reduction = options, chunk, reduction
-        if reduction == "none" or not any(needs):
-            losses, lses = [], []
+        ctx.args = (denominator, reduction, options, backend, chunk)
+        compiling = torch.compiler.is_compiling()
+        kernels = ops.traceable(backend) if compiling else backend
+        with _autocast_off(input.device.type):
+            if reduction == "none" or not any(needs) or compiling:
+                losses, lses = [], []
+                for start in range(0, tokens, chunk):
+                    logits = _chunk_logits(input[start:start + chunk], weight, bias)
+                    loss, lse = kernels.forward(logits, target[start:start + chunk], class_weight, options)
+                    losses.append(loss)
+                    lses.append(lse)
+                ctx.lse = torch.cat(lses) if lses else torch.empty(0, dtype=acc, device=input.device)
+                ctx.grads = None
+                loss = torch.cat(losses) if losses else torch.empty(0, dtype=acc, device=input.device)
+                return _reduce(loss, reduction, denominator)
+            # "mean"/"sum" in eager mode: gradients now, for grad_output 1
+            row_scale = torch.ones((), dtype=acc, device=input.device)
+            if denominator is not None:
+                row_scale = row_scale / denominator
+            grads = _Grads(input, weight, bias, *needs)
+            total = torch.zeros((), dtype=acc, device=input.device)
+            lses = []
             for start in range(0, tokens, chunk):
-                logits = _chunk_logits(input[start:start + chunk], weight, bias)
-                loss, lse = ops.call("cross_entropy_forward", logits, target[start:start + chunk], class_weight,
-                                      *options)
-                losses.append(loss)
+                x = input[start:start + chunk]
+                logits = _chunk_logits(x, weight, bias)
+                # the gradient overwrites the chunk's logits (each row is read before it is written)
+                loss, lse = backend.forward(logits, target[start:start + chunk], class_weight, options,
+                                            row_scale.expand(x.shape[0]), logits)
+                total += loss.sum()
                 lses.append(lse)
+                grads.add_chunk(logits, x, weight, start)
             ctx.lse = torch.cat(lses) if lses else torch.empty(0, dtype=acc, device=input.device)
-            ctx.grads = None
-            loss = torch.cat(losses) if losses else torch.empty(0, dtype=acc, device=input.device)
-            return _reduce(loss, reduction, denominator)
-        # "mean"/"sum": gradients now, for grad_output 1
-        row_scale = torch.ones((), dtype=acc, device=input.device)
-        if denominator is not None:
-            row_scale = row_scale / denominator
-        grads = _Grads(input, weight, bias, *needs)
-        total = torch.zeros((), dtype=acc, device=input.device)
-        lses = []
-        for start in range(0, tokens, chunk):
-            x = input[start:start + chunk]
-            logits = _chunk_logits(x, weight, bias)
-            loss, lse = ops.call("cross_entropy_forward_with_grad_", logits, target[start:start + chunk],
-                                 class_weight, row_scale.expand(x.shape[0]), *options)
-            total += loss.sum()
-            lses.append(lse)
-            grads.add_chunk(logits, x, weight, start)  # the logits now hold their gradient
-        ctx.lse = torch.cat(lses) if lses else torch.empty(0, dtype=acc, device=input.device)
-        ctx.grads = grads.finish(weight, bias)
-        ctx.row_scale = row_scale
-        return total / denominator if denominator is not None else total
+            ctx.grads = grads.finish(weight, bias)
+            return total / denominator if denominator is not None else total
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
         input, weight, bias, target, class_weight = ctx.saved_tensors
+        denominator, reduction, options, backend, chunk = ctx.args
         if ctx.grads is not None:  # computed in the forward: rescale in place and hand out once
             grads, ctx.grads = ctx.grads, None
             for g in grads:
                 if g is not None:
-                    ops.call("scale_", g.view(-1, g.shape[-1]), grad_output, ctx.options[-1])
-            return (*grads, None, None, None, None, None, None)
-        # "none", or a second backward through a retained graph: recompute chunk by chunk
-        if ctx.reduction == "none":
-            row_grad = grad_output.reshape(-1)
+                    backend.scale_(g.view(-1, g.shape[-1]), grad_output)
+            return (*grads, None, None, None, None, None, None, None)
+        # "none", compiled, or a second backward through a retained graph: recompute chunk by chunk
+        compiling = torch.compiler.is_compiling()
+        kernels = ops.traceable(backend) if compiling else backend
+        if reduction == "none":
+            row_grad = grad_output.reshape(-1).to(ctx.lse.dtype)
         else:
-            row_grad = (ctx.row_scale * grad_output).expand(input.shape[0])
+            scale = grad_output.to(ctx.lse.dtype)
+            row_grad = (scale if denominator is None else scale / denominator).expand(input.shape[0])
         grads = _Grads(input, weight, bias, *ctx.needs_input_grad[:3])
-        for start in range(0, input.shape[0], ctx.chunk):
-            stop = start + ctx.chunk
-            x = input[start:stop]
-            logits = _chunk_logits(x, weight, bias)
-            ops.call("cross_entropy_backward_", row_grad[start:stop], logits, target[start:stop], class_weight,
-                     ctx.lse[start:stop], *ctx.options)
-            grads.add_chunk(logits, x, weight, start)
-        return (*grads.finish(weight, bias), None, None, None, None, None, None)
+        with _autocast_off(input.device.type):
+            for start in range(0, input.shape[0], chunk):
+                stop = start + chunk
+                x = input[start:stop]
+                logits = _chunk_logits(x, weight, bias)
+                dlogits = kernels.backward(row_grad[start:stop], logits, target[start:stop], class_weight,
+                                           ctx.lse[start:stop], options, None if compiling else logits)
+                grads.add_chunk(dlogits, x, weight, start)
+        return (*grads.finish(weight, bias), None, None, None, None, None, None, None)
 
 
 def _reduce(loss, reduction, denominator):
@@ -154,24 +176,33 @@ def _reduce(loss, reduction, denominator):
     return loss.sum() / denominator if denominator is not None else loss.sum()
 
 
-def _check_linear(input, weight, bias, target) -> None:
+def _check_linear(input, weight, bias, target, ignore_index: int) -> None:
     if not isinstance(input, torch.Tensor) or not input.is_floating_point():
         raise TypeError(f"input must be a floating-point tensor, got {getattr(input, 'dtype', type(input).__name__)}")
     if input.dim() != 2:
-        raise ValueError(f"input must be [tokens, hidden], got shape {tuple(input.shape)}: flatten the leading "
-                         f"dimensions first (input.flatten(0, -2), target.flatten())")
+        raise InvalidArgument(f"input must be [tokens, hidden], got shape {tuple(input.shape)}: flatten the leading "
+                              f"dimensions first (input.flatten(0, -2), target.flatten())")
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != input.shape[1]:
-        raise ValueError(f"weight must be [vocab, hidden] with hidden = {input.shape[1]} (the input's last "
-                         f"dim), got shape {tuple(getattr(weight, 'shape', ()))}")
+        raise InvalidArgument(f"weight must be [vocab, hidden] with hidden = {input.shape[1]} (the input's last "
+                              f"dim), got shape {tuple(getattr(weight, 'shape', ()))}")
     if weight.dtype != input.dtype or weight.device != input.device:
-        raise ValueError(f"weight ({weight.dtype}, {weight.device}) must have the dtype and device of input "
-                         f"({input.dtype}, {input.device})")
+        raise InvalidArgument(f"weight ({weight.dtype}, {weight.device}) must have the dtype and device of input "
+                              f"({input.dtype}, {input.device})")
     if bias is not None and (bias.shape != weight.shape[:1] or bias.dtype != input.dtype
                              or bias.device != input.device):
-        raise ValueError(f"bias must be [vocab] = ({weight.shape[0]},) in {input.dtype} on {input.device}, got "
-                         f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
-    if not isinstance(target, torch.Tensor) or target.device != input.device:
-        raise ValueError(f"target must be a tensor on {input.device}, got {getattr(target, 'device', type(target))}")
+        raise InvalidArgument(f"bias must be [vocab] = ({weight.shape[0]},) in {input.dtype} on {input.device}, got "
+                              f"{tuple(bias.shape)} {bias.dtype} on {bias.device}")
+    check_target(torch.Size((input.shape[0], weight.shape[0])), input.device, target, ignore_index)
+
+
+def _autocast(input, weight, bias):
+    """What F.linear does under torch.autocast: fp32 operands cast to the autocast dtype (differentiably,
+    so the parameters' gradients stay fp32)."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type) or input.dtype != torch.float32:
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return input.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
 
 
 def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -187,35 +218,29 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     fusedce.cross_entropy (torch.nn.functional.linear_cross_entropy calls the class weight `weight`
     and the matrix `linear_weight`; positionally the two functions agree). chunk_size: tokens per
     chunk (default: chosen from the vocabulary size and, on a GPU, the free memory)."""
-    checks.check_reduction(reduction)
-    checks.check_options(label_smoothing, z_loss, softcap)
-    _check_linear(input, weight, bias, target)
-    # the target and class weight against the logits' shape [tokens, vocab], without building them
-    logits_like = torch.empty(input.shape[0], weight.shape[0], device="meta", dtype=input.dtype)
-    checks.check_target(logits_like, target.to("meta"), ignore_index)
-    if class_weight is not None:
-        if class_weight.device != input.device:
-            raise ValueError(f"class_weight is on {class_weight.device} but input is on {input.device}")
-        checks.check_weight(class_weight.to("meta"), logits_like)
+    check_reduction(reduction)
+    options = Options.checked(ignore_index, label_smoothing, z_loss, softcap)
+    _check_linear(input, weight, bias, target, ignore_index)
+    check_weight(class_weight, weight.shape[0], input.device)
     if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+        raise InvalidArgument(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     if target.requires_grad:
-        raise ValueError("linear_cross_entropy does not differentiate with respect to the target: pass a "
-                         "target that does not require grad")
-    name = backends.resolve(backend, input.device, input.dtype)
-
+        raise InvalidArgument("linear_cross_entropy does not differentiate with respect to the target: pass a "
+                              "target that does not require grad")
+    input, weight, bias = _autocast(input, weight, bias)
+    resolved = backends.resolve(backend, input.device, input.dtype)
     soft = target.is_floating_point()
     acc = accumulation_dtype(input.dtype)
     tgt = target.contiguous() if soft else target.to(torch.int64).contiguous()
     cw = class_weight.to(acc).contiguous() if class_weight is not None else None
     denominator = None
     if reduction == "mean":
-        denominator = (torch.full((), input.shape[0], dtype=acc, device=input.device) if soft
-                       else _mean_denominator(tgt, cw, ignore_index, acc))
+        kernels = ops.traceable(resolved) if torch.compiler.is_compiling() else resolved
+        denominator = kernels.mean_denominator(tgt, cw, ignore_index)
     chunk = chunk_size or auto_chunk_size(input.shape[0], weight.shape[0], input.dtype, input.device)
-    options = (ignore_index, float(label_smoothing), float(z_loss), float(softcap or 0.0), name)
-    loss = LinearCrossEntropyFunction.apply(input, weight, bias, tgt, cw, denominator, reduction, options, chunk)
-    return loss.to(torch.result_type(input, target) if soft else input.dtype)
+    loss = LinearCrossEntropyFunction.apply(input, weight, bias, tgt, cw, denominator, reduction, options, resolved,
+                                            chunk)
+    return loss.to(output_dtype(input, target))
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -226,8 +251,8 @@ class LinearCrossEntropyLoss(torch.nn.Module):
                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None,
                  chunk_size: Optional[int] = None, backend: str = "auto"):
         super().__init__()
-        checks.check_reduction(reduction)
-        checks.check_options(label_smoothing, z_loss, softcap)
+        check_reduction(reduction)
+        Options.checked(ignore_index, label_smoothing, z_loss, softcap)
         self.register_buffer("class_weight", class_weight)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.z_loss, self.softcap, self.chunk_size, self.backend = z_loss, softcap, chunk_size, backend

@@ -1,9 +1,12 @@
-"""The scalar options every kernel takes, bundled so backends share one signature."""
+"""The scalar options of the loss: one object from the public API to the native call."""
 from __future__ import annotations
 
-from typing import NamedTuple
+import math
+from typing import NamedTuple, Optional
 
 import torch
+
+from .errors import InvalidArgument
 
 
 class Options(NamedTuple):
@@ -11,6 +14,16 @@ class Options(NamedTuple):
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     softcap: float = 0.0  # 0 = off
+
+    @staticmethod
+    def checked(ignore_index: int, label_smoothing: float, z_loss: float, softcap: Optional[float]) -> "Options":
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise InvalidArgument(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+        if not 0.0 <= z_loss < math.inf:
+            raise InvalidArgument(f"z_loss must be a finite non-negative coefficient, got {z_loss}")
+        if softcap is not None and not 0.0 < softcap < math.inf:
+            raise InvalidArgument(f"softcap must be a finite positive number or None, got {softcap}")
+        return Options(int(ignore_index), float(label_smoothing), float(z_loss), float(softcap or 0.0))
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

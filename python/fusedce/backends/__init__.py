@@ -1,101 +1,164 @@
-"""Backend dispatch: which kernel family serves a tensor. Every backend module has the same functions:
+"""Backend dispatch: which kernel family serves a tensor. Each backend is one module with one Backend
+object (bindings, planning and launching of its kernels, nothing else), on logits [rows, V] with unit
+class stride, int64 class indices or [rows, V] probabilities, and a class weight in the accumulation
+dtype (fp32, fp64 for fp64 logits):
+
   forward(logits, target, weight, opts, grad_loss=None, dlogits=None) -> (loss, lse)
-      per-row loss and lse; with dlogits, also the gradient of sum(grad_loss * loss) (the fused mode)
-  backward(grad_loss, logits, target, weight, lse, opts, out)   writes dlogits into out (may be logits)
-  scale_(grad, scale)   grad *= scale (0-d tensor), skipped when scale is 1 without a host sync
-on logits [rows, V] with unit class stride, int64 class indices or [rows, V] probabilities, and a
-class weight in the accumulation dtype (fp32, fp64 for fp64 logits)."""
+      per-row loss and lse (accumulation dtype); with dlogits, also the gradient of sum(grad_loss * loss)
+      in the same pass (the fused mode; dlogits may be the logits)
+  backward(grad_loss, logits, target, weight, lse, opts, out=None) -> dlogits
+      the gradient of sum(grad_loss * loss) from the forward's lse, into out (a new tensor when None;
+      may be the logits); grad_loss [rows] may have any stride
+  reduced(logits, target, weight, opts, reduction, out_dtype, dlogits=None) -> 0-d loss
+      the "sum" or "mean" loss; with dlogits also its gradient (the fused mode)
+  mean_denominator(target, weight, ignore_index)   torch's "mean" divisor (a number or a 0-d tensor)
+  scale_(grad, scale)   grad *= scale (0-d tensor), skipped when scale is 1, without a host sync
+"""
 from __future__ import annotations
 
 import importlib
 import os
 import warnings
-from types import ModuleType
+from typing import Optional
 
 import torch
 
-from .. import _native, _native_cuda
+from ..errors import InvalidArgument
 
 BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 
-_MODULES = {"cpu": "cpu_backend", "cuda": "cuda_backend", "triton": "triton_backend", "torch": "torch_backend"}
-_warned: set = set()
+
+class Backend:
+    """What every backend shares: the reduction of the per-row losses with tensor ops (the CPU backend
+    reduces inside its kernel instead). Subclasses set `name` and implement unavailable(), forward,
+    backward_into and scale_."""
+
+    name = ""
+
+    def backward(self, grad_loss, logits, target, weight, lse, opts, out=None):
+        if out is None:
+            out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        self.backward_into(grad_loss, logits, target, weight, lse, opts, out)
+        return out
+
+    def unavailable(self, device: torch.device) -> Optional[str]:
+        """None when this backend can run on `device`; otherwise why not."""
+        raise NotImplementedError
+
+    def mean_denominator(self, target, weight, ignore_index: int):
+        """Summed weight of the non-ignored targets (their count without a weight; the number of rows
+        for probabilities): torch's "mean"."""
+        if target.is_floating_point():
+            return target.shape[0]
+        valid = target != ignore_index
+        if weight is None:
+            return valid.sum()
+        safe = torch.where(valid, target, 0).clamp_(0, weight.shape[0] - 1)
+        return torch.where(valid, weight[safe], 0).sum()
+
+    def reduced(self, logits, target, weight, opts, reduction: str, out_dtype, dlogits=None):
+        denominator = self.mean_denominator(target, weight, opts.ignore_index) if reduction == "mean" else None
+        if dlogits is None:
+            loss, _ = self.forward(logits, target, weight, opts)
+        else:  # the gradient of the reduced loss: grad_loss 1 / denominator (or 1) on every row
+            acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+            one = torch.ones((), dtype=acc, device=logits.device)
+            grad_loss = (one if denominator is None else one / denominator).expand(logits.shape[0])
+            loss, _ = self.forward(logits, target, weight, opts, grad_loss, dlogits)
+        total = loss.sum()
+        return (total if denominator is None else total / denominator).to(out_dtype)
 
 
-def triton_unavailable_reason() -> str | None:
-    """None when Triton kernels can run here; otherwise why not."""
-    try:
-        from ..triton_kernels import cross_entropy  # noqa: F401
-    except ImportError as e:
-        return f"the Triton kernels failed to import ({e}; pip install triton)"
-    return None
+def check_target_range(target: torch.Tensor, classes: int, ignore_index: int) -> None:
+    """Out-of-range class indices raise IndexError, as in torch. Only on the CPU and in eager mode, where
+    looking at the values costs no device sync (nor a graph break); elsewhere such rows are NaN."""
+    if target.device.type != "cpu" or target.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (target != ignore_index) & ((target < 0) | (target >= classes))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise IndexError(f"Target {int(target[row])} is out of bounds: expected a class index in [0, {classes}) "
+                         f"or ignore_index={ignore_index} (row {row})")
 
 
-def _triton_serves(device: torch.device) -> str | None:
-    reason = triton_unavailable_reason()
-    if reason:
-        return reason
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return None
-    return f"Triton kernels need a CUDA tensor (or TRITON_INTERPRET=1 for CPU tensors), got a {device.type} tensor"
-
-
-def _cannot_serve(name: str, device: torch.device) -> str | None:
-    """None when backend `name` can run on `device`; otherwise the reason."""
-    if name == "torch":
-        return None
-    if name == "cpu":
-        if device.type != "cpu":
-            return f"it runs on CPU tensors, got a {device.type} tensor"
-        return None if _native.available() else f"the compiled CPU module failed to import ({_native.IMPORT_ERROR})"
-    if name == "triton":
-        return _triton_serves(device)
-    if name == "cuda":
-        if not _native_cuda.available():
-            return f"fusedce was built without its CUDA kernels ({_native_cuda.IMPORT_ERROR})"
-        return None if device.type == "cuda" else f"it runs on CUDA tensors, got a {device.type} tensor"
-    raise AssertionError(name)
-
-
-def _warn_once(key: str, message: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
-
-
-def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> str:
-    """Turns a user's backend choice into a concrete backend for tensors of `device` and `dtype`, or
-    raises. float64 logits are served by the "cpu" and "torch" backends only."""
-    if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}: expected one of {BACKENDS}")
-    gpu_kernels_reason = "its kernels take float32, float16 and bfloat16 logits, got float64" if (
-        dtype == torch.float64) else None
-    if name != "auto":
-        reason = _cannot_serve(name, device) or (gpu_kernels_reason if name in ("triton", "cuda") else None)
-        if reason:
-            raise RuntimeError(f"backend {name!r} cannot serve this input: {reason}")
-        return name
-    if device.type != "cpu" and gpu_kernels_reason:
-        return "torch"
-    # GPU tensors: Triton first, then the CUDA C++ kernels. Provisional: neither has been measured on a
-    # GPU yet (benchmarks/ compares them); Triton's kernel is the one whose logic CI runs (interpreter).
-    candidates = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
-    reasons = [(c, _cannot_serve(c, device)) for c in candidates]
-    for candidate, reason in reasons:
-        if reason is None:
-            return candidate
-    why = "; ".join(f"the {c!r} backend is unavailable: {r}" for c, r in reasons)
-    _warn_once(f"torch:{device.type}", f"fusedce: using the pure-PyTorch backend for {device.type} tensors because {why}")
-    return "torch"
-
-
-def device_weight_sum(target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor | None:
+def weight_sum(target: torch.Tensor, weight: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The class weights' sum that the GPU kernels need for label smoothing with class-index targets, as
-    a device tensor the kernel reads: a Python float would sync the host."""
+    a device tensor they read: a Python float would sync the host."""
     return weight.sum() if weight is not None and not target.is_floating_point() else None
 
 
-def get(name: str) -> ModuleType:
-    return importlib.import_module(f".{_MODULES[name]}", __name__)
+_resolved: dict = {}
+_warned: set = set()
+
+
+def get(name: str) -> Backend:
+    """The Backend object of a concrete backend name (ImportError if its module failed to import)."""
+    backend = _LOADED[name]
+    if isinstance(backend, ImportError):
+        raise backend
+    return backend
+
+
+def _unavailable(name: str, device: torch.device) -> Optional[str]:
+    backend = _LOADED[name]
+    if isinstance(backend, ImportError):  # e.g. Triton not installed
+        return f"it failed to import ({backend})"
+    return backend.unavailable(device)
+
+
+def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Backend:
+    """The Backend that serves the user's choice `name` for tensors of `device` and `dtype`, or raises.
+    float64 logits are served by the "cpu" and "torch" backends only. Cached: the answer depends only on
+    (name, device type, dtype) and on what is installed. Not stored while torch.compile traces: a
+    graph that mutates the cache would be traced again on its next call."""
+    key = (name, device.type, dtype)
+    backend = _resolved.get(key)
+    if backend is None:
+        backend = _resolve(name, device, dtype)
+        if not torch.compiler.is_compiling():
+            _resolved[key] = backend
+    return backend
+
+
+def _resolve(name: str, device: torch.device, dtype: torch.dtype) -> Backend:
+    if name not in BACKENDS:
+        raise InvalidArgument(f"unknown backend {name!r}: expected one of {BACKENDS}")
+    fp64_reason = "its kernels take float32, float16 and bfloat16 logits, got float64" if (
+        dtype == torch.float64) else None
+    if name != "auto":
+        reason = _unavailable(name, device) or (fp64_reason if name in ("triton", "cuda") else None)
+        if reason:
+            raise RuntimeError(f"backend {name!r} cannot serve this input: {reason}")
+        return get(name)
+    if device.type != "cpu" and fp64_reason:
+        return get("torch")
+    # GPU tensors: Triton first, then the CUDA C++ kernels. Provisional: neither has been measured on a
+    # GPU yet (benchmarks/ compares them); Triton's kernel is the one whose logic CI runs (interpreter).
+    candidates = ("cpu",) if device.type == "cpu" else ("triton", "cuda")
+    reasons = [(c, _unavailable(c, device)) for c in candidates]
+    for candidate, reason in reasons:
+        if reason is None:
+            return get(candidate)
+    why = "; ".join(f"the {c!r} backend is unavailable: {r}" for c, r in reasons)
+    if device.type not in _warned:
+        _warned.add(device.type)
+        warnings.warn(f"fusedce: using the pure-PyTorch backend for {device.type} tensors because {why}",
+                      RuntimeWarning, stacklevel=4)
+    return get("torch")
+
+
+def interpreting_triton() -> bool:
+    """Whether Triton kernels run through Triton's interpreter (TRITON_INTERPRET=1), on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _load(module: str):
+    try:
+        return importlib.import_module(f".{module}", __name__).BACKEND
+    except ImportError as e:
+        return e
+
+
+# Loaded at import, not on first use: torch.compile cannot trace an import.
+_LOADED = {name: _load(module) for name, module in
+           (("cpu", "cpu"), ("cuda", "cuda"), ("triton", "triton"), ("torch", "pytorch"))}

@@ -1,5 +1,6 @@
-"""The one place that declares the CUDA kernels' signatures (fusedce._cuda takes plain integers: device
-pointers, sizes, strides, dtype codes, the device index and the stream) and plans their launch."""
+"""The CUDA C++ kernels (csrc/cuda, module fusedce._cuda) behind the backend interface: the one place
+that turns tensors into the module's arguments (device pointers, sizes, strides, dtype codes, the
+device index and the stream) and plans their launch. CUDA tensors only."""
 from __future__ import annotations
 
 import functools
@@ -7,11 +8,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._native import DTYPE_CODES
+from . import Backend, weight_sum
 
 try:
-    from . import _cuda
+    from .. import _cuda
     IMPORT_ERROR: Optional[str] = None
+    DTYPE_CODES = {getattr(torch, name): code for name, code in _cuda.DTYPES.items()}
 except ImportError as e:  # built without nvcc, or with FUSEDCE_BUILD_CUDA=0
     _cuda = None
     IMPORT_ERROR = f"{type(e).__name__}: {e}"
@@ -27,10 +29,6 @@ SEGMENT_MIN_BYTES = 16384  # a split row's segments stay long enough to stream
 # __launch_bounds__(1024) caps the row kernels at 64 registers a thread, and the 16-byte ones use 56 to 64
 # (ptxas, sm_90): an SM with 64K registers holds about 1024 of their threads, not its 2048.
 KERNEL_REGISTERS = 64
-
-
-def available() -> bool:
-    return _cuda is not None
 
 
 class Device(NamedTuple):
@@ -165,19 +163,39 @@ def _call(kernel, logits, target, weight, weight_sum, opts, lse, grad_loss, dlog
            **extra)
 
 
-def forward(logits, target, weight, weight_sum, opts, loss, lse, grad_loss=None, dlogits=None) -> None:
-    """loss, lse: [rows] fp32 out. With dlogits (and grad_loss, [rows] fp32, any stride) also the
-    gradient of sum(grad_loss * loss) in the same launch. weight: [V] fp32; weight_sum: its 0-d sum
-    (class-index targets with a weight), read on the device."""
-    _call(_cuda.forward, logits, target, weight, weight_sum, opts, lse, grad_loss, dlogits, loss=loss.data_ptr())
+def _soft_target(target):
+    # the kernels read float32 / float16 / bfloat16 probabilities (class indices pass unchanged)
+    return target.float() if target.dtype == torch.float64 else target
 
 
-def backward(grad_loss, logits, target, weight, weight_sum, lse, opts, dlogits) -> None:
-    _call(_cuda.backward, logits, target, weight, weight_sum, opts, lse, grad_loss, dlogits)
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def unavailable(self, device):
+        if _cuda is None:
+            return f"fusedce was built without its CUDA kernels ({IMPORT_ERROR})"
+        return None if device.type == "cuda" else f"it runs on CUDA tensors, got a {device.type} tensor"
+
+    def forward(self, logits, target, weight, opts, grad_loss=None, dlogits=None):
+        """loss, lse: [rows] fp32. With dlogits (and grad_loss, [rows], any stride) also the gradient of
+        sum(grad_loss * loss) in the same launch."""
+        rows = logits.shape[0]
+        loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+        target = _soft_target(target)
+        _call(_cuda.forward, logits, target, weight, weight_sum(target, weight), opts, lse,
+              None if grad_loss is None else grad_loss.float(), dlogits, loss=loss.data_ptr())
+        return loss, lse
+
+    def backward_into(self, grad_loss, logits, target, weight, lse, opts, out):
+        target = _soft_target(target)
+        _call(_cuda.backward, logits, target, weight, weight_sum(target, weight), opts, lse, grad_loss.float(), out)
+
+    def scale_(self, grad, scale):
+        """grad [rows, V] (unit stride along V) *= scale (0-d), skipped on the device when it is 1."""
+        _cuda.scale(grad=grad.data_ptr(), dtype=DTYPE_CODES[grad.dtype], rows=grad.shape[0], vocab=grad.shape[1],
+                    row_stride=grad.stride(0), scale=scale.float().data_ptr(), device=grad.device.index,
+                    stream=torch.cuda.current_stream(grad.device).cuda_stream)
 
 
-def scale_(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """grad [rows, V] (unit stride along V) *= scale (0-d fp32), skipped on the device when it is 1."""
-    _cuda.scale(grad=grad.data_ptr(), dtype=DTYPE_CODES[grad.dtype], rows=grad.shape[0], vocab=grad.shape[1],
-                row_stride=grad.stride(0), scale=scale.data_ptr(), device=grad.device.index,
-                stream=torch.cuda.current_stream(grad.device).cuda_stream)
+BACKEND = CudaBackend()

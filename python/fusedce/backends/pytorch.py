@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..options import Options, accumulation_dtype, softcapped
-from .. import checks
+from . import Backend, check_target_range
 
 _CHUNK = 8192  # vocabulary columns per step: bounds the fp32 temporaries to rows x _CHUNK
 
@@ -27,7 +27,7 @@ def _coefficients(target, weight, opts: Options, vocab: int, start: int, stop: i
 def _target_terms(logits, target, weight, opts: Options, acc):
     """For class-index targets: (x'_t, w_t, non-ignored rows, rows whose target is out of range). On
     devices where checking would need a host sync, a bad target's loss and gradient are NaN."""
-    checks.check_target_range(target, logits.shape[1], opts.ignore_index)
+    check_target_range(target, logits.shape[1], opts.ignore_index)
     valid = target != opts.ignore_index
     in_range = (target >= 0) & (target < logits.shape[1])
     safe = torch.where(in_range, target, torch.zeros_like(target))
@@ -38,20 +38,31 @@ def _target_terms(logits, target, weight, opts: Options, acc):
     return xt, wt, valid, bad
 
 
-def forward(logits, target, weight, opts: Options, grad_loss=None, dlogits=None):
-    """With dlogits, also writes the gradient of sum(grad_loss * loss) (two passes here; the compiled
-    backends fuse them)."""
-    loss, lse, m, log_s = _loss_and_lse(logits, target, weight, opts)
-    if dlogits is not None:
-        _gradient(grad_loss, logits, target, weight, opts, dlogits, lse, (m, log_s))
-    return loss, lse
+class TorchBackend(Backend):
+    name = "torch"
+
+    def unavailable(self, device):
+        return None
+
+    def forward(self, logits, target, weight, opts: Options, grad_loss=None, dlogits=None):
+        """With dlogits, also writes the gradient of sum(grad_loss * loss) (two passes here; the compiled
+        backends fuse them)."""
+        loss, lse, m, log_s = _loss_and_lse(logits, target, weight, opts)
+        if dlogits is not None:
+            _gradient(grad_loss, logits, target, weight, opts, dlogits, lse, (m, log_s))
+        return loss, lse
+
+    def backward_into(self, grad_loss, logits, target, weight, lse, opts: Options, out: torch.Tensor) -> None:
+        _gradient(grad_loss, logits, target, weight, opts, out, lse)
+
+    def scale_(self, grad: torch.Tensor, scale: torch.Tensor) -> None:
+        """grad *= scale (a 0-d tensor). On the CPU skipped when scale is 1, which is free to check; on a
+        GPU always, since checking would sync the host."""
+        if grad.device.type != "cpu" or scale.item() != 1.0:
+            grad.mul_(scale.to(grad.dtype))
 
 
-def scale_(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """grad *= scale (a 0-d tensor). On the CPU skipped when scale is 1, which is free to check; on a
-    GPU always, since checking would sync the host."""
-    if grad.device.type != "cpu" or bool(scale != 1):
-        grad.mul_(scale.to(grad.dtype))
+BACKEND = TorchBackend()
 
 
 def _loss_and_lse(logits, target, weight, opts: Options):
@@ -86,10 +97,6 @@ def _loss_and_lse(logits, target, weight, opts: Options):
     if not target.is_floating_point():
         loss = torch.where(valid, loss, torch.zeros_like(loss))
     return loss, lse, m, log_s
-
-
-def backward(grad_loss, logits, target, weight, lse, opts: Options, out: torch.Tensor) -> None:
-    _gradient(grad_loss, logits, target, weight, opts, out, lse)
 
 
 def _gradient(grad_loss, logits, target, weight, opts: Options, out, lse, stats=None) -> None:
