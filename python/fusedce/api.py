@@ -75,11 +75,13 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                                                reduction, call.out_dtype, inplace_backward)
     loss, lse = CrossEntropyFunction.apply(call.logits, call.target, call.weight, call.options, kernels,
                                            inplace_backward and not transformed)
-    return _result(loss, lse, call, return_lse, kernels)
+    # under torch.func the targets may be wrapped too: the denominator from tensor ops
+    return _result(loss, lse, call, return_lse, ops.traceable(kernels) if transformed else kernels)
 
 
 def _result(loss, lse, call: Call, return_lse: bool, kernels):
-    """The per-row loss reduced and shaped as torch's, and the lse shaped like the unreduced loss."""
+    """The per-row loss reduced and shaped as torch's, and the lse shaped like the unreduced loss;
+    kernels gives the "mean" denominator."""
     if call.reduction == "none":
         loss = loss.reshape(call.batch_shape)
     elif call.reduction == "sum":

@@ -31,6 +31,17 @@ def _check_inplace_allowed(logits: torch.Tensor) -> None:
                            f"expanded tensor (strides {logits.stride()})")
 
 
+def differentiable_backward(grad) -> bool:
+    """Whether a backward given `grad` must compute with tensor ops: create_graph=True (its result is
+    differentiated), or a grad the kernels cannot read, wrapped by torch.func (grad, vmap, jacrev) or
+    batched by autograd.grad(is_grads_batched=True)."""
+    if torch.compiler.is_compiling():
+        return False
+    functorch = torch._C._functorch
+    return torch.is_grad_enabled() or (grad is not None and (functorch.is_functorch_wrapped_tensor(grad)
+                                                             or functorch.is_legacy_batchedtensor(grad)))
+
+
 _SECOND_INPLACE_BACKWARD = ("backward called twice with inplace_backward=True: the first backward handed out the "
                             "logits' memory as their gradient; use inplace_backward=False with retain_graph")
 _INPLACE_CREATE_GRAPH = ("inplace_backward=True cannot give a differentiable gradient (create_graph=True, "
@@ -47,7 +58,7 @@ def input_grads(kernels, needs_input_grad, logits, target, weight, lse, grad_los
                            "pass a weight that does not require grad")
     if grad_loss is None:
         grad_loss = torch.zeros_like(lse)
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # a differentiable gradient
+    if differentiable_backward(grad_loss if grad_lse is None else grad_lse):
         if inplace:
             raise RuntimeError(_INPLACE_CREATE_GRAPH)
         return (composite.logits_grad(grad_loss, grad_lse, logits, target, weight, opts) if needs_input_grad[0]
@@ -179,9 +190,10 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
         options, backend, reduction, out_dtype = ctx.args
         logits, target, weight = ctx.saved_tensors
         dlogits, ctx.dlogits = ctx.dlogits, None
-        if logits is None and (dlogits is None or torch.is_grad_enabled()):
+        differentiable = differentiable_backward(grad_output)
+        if logits is None and (dlogits is None or differentiable):
             raise RuntimeError(_INPLACE_CREATE_GRAPH if dlogits is not None else _SECOND_INPLACE_BACKWARD)
-        if torch.is_grad_enabled():  # create_graph=True
+        if differentiable:
             scale = grad_output if reduction == "sum" else grad_output / backend.mean_denominator(
                 target, weight, options.ignore_index)
             dlogits = composite.logits_grad(scale.expand(logits.shape[0]), None, logits, target, weight, options)
