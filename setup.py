@@ -119,7 +119,7 @@ cuda_extension = Pybind11Extension(
 
 setup(
     package_dir={"fusedce": "python/fusedce", "fusedce.triton_kernels": "triton_kernels"},
-    packages=["fusedce", "fusedce.backends", "fusedce.triton_kernels"],
+    packages=["fusedce", "fusedce.backends", "fusedce.integrations", "fusedce.triton_kernels"],
     ext_modules=[cpu_extension] + ([cuda_extension] if CUDA_MODE != "0" else []),
     cmdclass={"build_ext": ParallelBuildExt},
 )
