@@ -147,3 +147,17 @@ def test_bfloat16_loss_is_the_float64_answer_rounded():
     ref = F.cross_entropy(logits.double(), target).item()
     got = fusedce.cross_entropy(logits, target, backend="cpu").item()
     assert got == torch.tensor(ref).bfloat16().item()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_dtype_gives_an_unrounded_loss(backend, reduction, grad):
+    """dtype=torch.float32: a bf16 model's loss as the kernels accumulated it, in every path."""
+    logits, target = _inputs(device_of(backend), dtype=torch.bfloat16)
+    x = logits.clone().requires_grad_(grad)
+    loss = fusedce.cross_entropy(x, target, reduction=reduction, dtype=torch.float32, backend=backend)
+    assert loss.dtype == torch.float32
+    ref = reference_loss(to64(logits), target, reduction=reduction)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)  # fp32, not bf16, rounding
+    with pytest.raises(ValueError, match="dtype must be a floating-point torch.dtype"):
+        fusedce.cross_entropy(x, target, dtype=torch.int64, backend=backend)

@@ -137,6 +137,43 @@ def test_compile_traces_into_the_triton_kernels():
     assert not any("fusedce." in c for c in code), code  # no opaque fusedce op left
 
 
+def test_backward_op_says_it_is_not_differentiable(backend):
+    if backend == "torch":
+        pytest.skip("the pure-PyTorch backend has no op")
+    device = device_of(backend)
+    prefix = "triton_" if backend == "triton" else ""
+    logits = torch.randn(4, 10, device=device, requires_grad=True)
+    target = torch.randint(0, 10, (4,), device=device)
+    options = (-100, 0.0, 0.0, 0.0)
+    _, lse = getattr(torch.ops.fusedce, f"{prefix}cross_entropy_forward")(logits, target, None, *options)
+    dlogits = getattr(torch.ops.fusedce, f"{prefix}cross_entropy_backward")(
+        torch.ones(4, device=device), logits, target, None, lse.detach(), *options)
+    with pytest.raises(RuntimeError, match="is not differentiable itself: for second derivatives call"):
+        dlogits.sum().backward()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_compiles_with_dynamic_shapes(backend, bias, reduction):
+    """Token counts that change between calls (automatic dynamic shapes), with and without a bias."""
+    device = device_of(backend)
+    w = torch.randn(50, 16, device=device, requires_grad=True)
+    b = torch.randn(50, device=device, requires_grad=True) if bias else None
+    compiled = torch.compile(fusedce.linear_cross_entropy, dynamic=True, backend="aot_eager")
+    for tokens in (8, 11):
+        x = torch.randn(tokens, 16, device=device, requires_grad=True)
+        target = torch.randint(0, 50, (tokens,), device=device)
+        loss = compiled(x, w, target, b, reduction=reduction, chunk_size=4, backend=backend)
+        leaves = [t for t in (x, w, b) if t is not None]
+        got = torch.autograd.grad(loss.sum(), leaves)
+        x64 = [to64(t).requires_grad_() for t in leaves]
+        logits64 = x64[0] @ x64[1].t() + (x64[2] if bias else 0)
+        ref = reference_loss(logits64, target, reduction=reduction)
+        assert_close(loss, ref, torch.float32, scale=ref.abs().max().item())
+        for g, r in zip(got, torch.autograd.grad(ref.sum(), x64)):
+            assert_close(g, r, torch.float32, scale=r.abs().max().item())
+
+
 def test_inplace_backward_matches_and_reuses_memory(backend):
     device = device_of(backend)
     w = torch.randn(16, 40, device=device, requires_grad=True)

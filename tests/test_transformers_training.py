@@ -81,11 +81,7 @@ def test_compiled_training_step_with_inductor():
     compiled_step_matches_eager("llama", "fused", "inductor", True)  # about a minute on 2 cores
 
 
-AUTOCAST_CRASH = pytest.mark.xfail(strict=True, raises=RuntimeError, reason="fusedce.linear_cross_entropy under "
-                                   "torch.autocast crashes (known; being fixed in fusedce's internals)")
-
-
-@pytest.mark.parametrize("path", [pytest.param("fused", marks=AUTOCAST_CRASH), "loss"])
+@pytest.mark.parametrize("path", ["fused", "loss"])
 def test_under_autocast(path):
     reference = build("llama")
     patched = apply_fusedce(copy.deepcopy(reference), fused_linear=path == "fused")

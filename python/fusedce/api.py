@@ -16,7 +16,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch.nn import _reduction
 
 from . import ops
-from .arguments import Call, check_reduction, describe
+from .arguments import Call, check_dtype, check_reduction, describe
 from .autograd import CrossEntropyFunction, FusedCrossEntropyFunction
 from .errors import InvalidArgument
 from .options import Options
@@ -28,7 +28,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                   size_average: Optional[bool] = None, ignore_index: int = -100, reduce: Optional[bool] = None,
                   reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                   softcap: Optional[float] = None, return_lse: bool = False, inplace_backward: bool = False,
-                  fused: Optional[bool] = None, backend: str = "auto"):
+                  fused: Optional[bool] = None, backend: str = "auto", dtype: Optional[torch.dtype] = None):
     """Same signature and results as torch.nn.functional.cross_entropy (autocast, double backward,
     torch.func and forward-mode AD included), computed by a fused single-pass kernel that accumulates in
     fp32 (fp64 for fp64 input). Keyword-only extras:
@@ -44,13 +44,16 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         require grad, no return_lse, no target that requires grad. The gradient's memory is then taken
         at the forward. Off under torch.compile, torch.func transforms and forward-mode AD.
     backend: "auto" | "cpu" | "cuda" | "triton" | "torch".
+    dtype: the returned loss's dtype; None gives torch's (the logits' dtype, float32 under autocast).
+        torch.float32 keeps a bf16 model's loss, and the scale its backward hands back, unrounded: the
+        kernels accumulate in fp32 anyway.
 
     "mean" divides by the summed weight of the non-ignored targets (the number of rows for class
     probabilities), exactly as torch; the z-loss term is included in what is averaged.
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    call = describe(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend)
+    call = describe(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, dtype)
     if call.logits.shape[-1] == 0:
         return _without_classes(input, target, weight, call, return_lse)
     kernels = call.backend
@@ -109,15 +112,17 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None, ignore_index: int = -100,
                  reduce=None, reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                  softcap: Optional[float] = None, return_lse: bool = False, inplace_backward: bool = False,
-                 fused: Optional[bool] = None, backend: str = "auto"):
+                 fused: Optional[bool] = None, backend: str = "auto", dtype: Optional[torch.dtype] = None):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         check_reduction(self.reduction)  # checked now, not at the first call
         Options.checked(ignore_index, label_smoothing, z_loss, softcap)
-        self.z_loss, self.softcap = z_loss, softcap
+        check_dtype(dtype)
+        self.z_loss, self.softcap, self.dtype = z_loss, softcap, dtype
         self.return_lse, self.inplace_backward, self.fused, self.backend = return_lse, inplace_backward, fused, backend
 
     def forward(self, input: torch.Tensor, target: torch.Tensor):
         return cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
                              reduction=self.reduction, label_smoothing=self.label_smoothing, z_loss=self.z_loss,
                              softcap=self.softcap, return_lse=self.return_lse,
-                             inplace_backward=self.inplace_backward, fused=self.fused, backend=self.backend)
+                             inplace_backward=self.inplace_backward, fused=self.fused, backend=self.backend,
+                             dtype=self.dtype)

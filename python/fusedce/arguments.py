@@ -96,6 +96,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
+def check_dtype(dtype) -> None:
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise InvalidArgument(f"dtype must be a floating-point torch.dtype or None, got {dtype}")
+
+
 def output_dtype(input: torch.Tensor, target: torch.Tensor) -> torch.dtype:
     """torch's dtype for the loss: the input's (the promoted one with probabilities); float32 for fp16 and
     bf16 under autocast, which runs cross_entropy in float32 on CPU and CUDA (the kernels read the
@@ -107,9 +112,10 @@ def output_dtype(input: torch.Tensor, target: torch.Tensor) -> torch.dtype:
 
 
 def describe(input, target, weight, ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
-             softcap: Optional[float], backend: str) -> Call:
+             softcap: Optional[float], backend: str, dtype: Optional[torch.dtype] = None) -> Call:
     check_reduction(reduction)
     options = Options.checked(ignore_index, label_smoothing, z_loss, softcap)
+    check_dtype(dtype)
     check_logits(input)
     device = input.device
     shape = input.shape
@@ -130,4 +136,4 @@ def describe(input, target, weight, ignore_index: int, reduction: str, label_smo
     if weight is not None and (weight.dtype != acc or not weight.is_contiguous()):
         weight = weight.to(acc).contiguous()
     return Call(_rows(input), rows_target, weight, options, reduction, backends.resolve(backend, device, input.dtype),
-                batch_shape, output_dtype(input, target))
+                batch_shape, dtype or output_dtype(input, target))

@@ -21,7 +21,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from . import backends, ops
-from .arguments import check_reduction, check_target, check_weight, output_dtype
+from .arguments import check_dtype, check_reduction, check_target, check_weight, output_dtype
 from .errors import InvalidArgument
 from .options import Options, accumulation_dtype
 
@@ -209,17 +209,18 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
                          bias: Optional[torch.Tensor] = None, *, class_weight: Optional[torch.Tensor] = None,
                          ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                          z_loss: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
-                         backend: str = "auto") -> torch.Tensor:
+                         backend: str = "auto", dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """cross_entropy(input @ weight.T + bias, target) without materialising the logits.
 
     input [tokens, hidden]; weight [vocab, hidden] (e.g. an LM head, possibly tied to an embedding);
     bias [vocab] or None; target [tokens] class indices or [tokens, vocab] probabilities.
-    class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap and backend as in
+    class_weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend and dtype as in
     fusedce.cross_entropy (torch.nn.functional.linear_cross_entropy calls the class weight `weight`
     and the matrix `linear_weight`; positionally the two functions agree). chunk_size: tokens per
     chunk (default: chosen from the vocabulary size and, on a GPU, the free memory)."""
     check_reduction(reduction)
     options = Options.checked(ignore_index, label_smoothing, z_loss, softcap)
+    check_dtype(dtype)
     _check_linear(input, weight, bias, target, ignore_index)
     check_weight(class_weight, weight.shape[0], input.device)
     if chunk_size is not None and chunk_size < 1:
@@ -240,7 +241,7 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     chunk = chunk_size or auto_chunk_size(input.shape[0], weight.shape[0], input.dtype, input.device)
     loss = LinearCrossEntropyFunction.apply(input, weight, bias, tgt, cw, denominator, reduction, options, resolved,
                                             chunk)
-    return loss.to(output_dtype(input, target))
+    return loss.to(dtype or output_dtype(input, target))
 
 
 class LinearCrossEntropyLoss(torch.nn.Module):
@@ -249,10 +250,12 @@ class LinearCrossEntropyLoss(torch.nn.Module):
 
     def __init__(self, class_weight: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, *, z_loss: float = 0.0, softcap: Optional[float] = None,
-                 chunk_size: Optional[int] = None, backend: str = "auto"):
+                 chunk_size: Optional[int] = None, backend: str = "auto", dtype: Optional[torch.dtype] = None):
         super().__init__()
         check_reduction(reduction)
         Options.checked(ignore_index, label_smoothing, z_loss, softcap)
+        check_dtype(dtype)
+        self.dtype = dtype
         self.register_buffer("class_weight", class_weight)
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.z_loss, self.softcap, self.chunk_size, self.backend = z_loss, softcap, chunk_size, backend
@@ -261,4 +264,4 @@ class LinearCrossEntropyLoss(torch.nn.Module):
         return linear_cross_entropy(input, weight, target, bias, class_weight=self.class_weight,
                                     ignore_index=self.ignore_index, reduction=self.reduction,
                                     label_smoothing=self.label_smoothing, z_loss=self.z_loss, softcap=self.softcap,
-                                    chunk_size=self.chunk_size, backend=self.backend)
+                                    chunk_size=self.chunk_size, backend=self.backend, dtype=self.dtype)

@@ -105,6 +105,9 @@ class CompositeKernels(backends.Backend):
     def forward(self, logits, target, weight, opts, grad_loss=None, dlogits=None):
         return composite.loss_and_lse(logits, target, weight, opts)
 
+    def backward(self, grad_loss, logits, target, weight, lse, opts, out=None):
+        return composite.logits_grad(grad_loss, None, logits, target, weight, opts)
+
 
 def _define(prefix: str, backend_for, triton: bool) -> OpKernels:
     """Registers the forward and backward ops fusedce::<prefix>cross_entropy_{forward,backward}, run by
@@ -147,8 +150,15 @@ def _define(prefix: str, backend_for, triton: bool) -> OpKernels:
         return autograd.input_grads(kernels, ctx.needs_input_grad, logits, target, weight, lse, grad_loss,
                                     grad_lse, ctx.options) + (None,) * 4
 
+    def not_differentiable(ctx, grad):
+        raise RuntimeError(f"fusedce::{prefix}cross_entropy_backward is the gradient of "
+                           f"fusedce::{prefix}cross_entropy_forward and is not differentiable itself: for second "
+                           f"derivatives call fusedce.cross_entropy in eager mode (its backward is differentiable "
+                           f"with create_graph=True)")
+
     torch.library.register_autograd(f"fusedce::{prefix}cross_entropy_forward", backward_formula,
                                     setup_context=setup_context)
+    torch.library.register_autograd(f"fusedce::{prefix}cross_entropy_backward", not_differentiable)
     return kernels
 
 

@@ -69,11 +69,15 @@ def causal_lm_targets(labels: torch.Tensor, shift_labels: Optional[torch.Tensor]
     return shift_labels.reshape(-1)
 
 
+def _loss_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 at least, as transformers' loss (which upcasts the logits) is: fusedce accumulates in fp32 and
+    returns the unrounded loss when asked, so neither the loss nor the scale its backward hands back
+    (1 / num_items_in_batch) is rounded to a bf16 model's dtype."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _reduce_like_transformers(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-    """The mean as it came without num_items_in_batch, else the sum divided by it. The loss is returned in
-    fp32 at least, as transformers' (which upcasts the logits) is; fusedce accumulated it in fp32, but
-    returns it in the logits' dtype, so a bf16 model's loss carries bf16 rounding (see the README)."""
-    loss = loss.to(torch.promote_types(loss.dtype, torch.float32))
+    """The mean as it came without num_items_in_batch, else the sum divided by it."""
     if num_items_in_batch is None:
         return loss
     if torch.is_tensor(num_items_in_batch):
@@ -94,7 +98,7 @@ class CausalLMLoss:
         target = causal_lm_targets(labels, shift_labels, ignore_index).to(logits.device)
         reduction = "mean" if num_items_in_batch is None else "sum"
         loss = fusedce.cross_entropy(logits.reshape(-1, vocab_size), target, ignore_index=ignore_index,
-                                     reduction=reduction, **self.options)
+                                     reduction=reduction, dtype=_loss_dtype(logits.dtype), **self.options)
         return _reduce_like_transformers(loss, num_items_in_batch)
 
 
@@ -117,7 +121,8 @@ class _LossRequest:
                              f"the kept positions only")
         reduction = "mean" if self.num_items_in_batch is None else "sum"
         loss = fusedce.linear_cross_entropy(hidden, weight, target, bias, ignore_index=self.ignore_index,
-                                            reduction=reduction, softcap=self.softcap, **self.options)
+                                            reduction=reduction, softcap=self.softcap,
+                                            dtype=_loss_dtype(hidden.dtype), **self.options)
         return _reduce_like_transformers(loss, self.num_items_in_batch)
 
 
