@@ -86,8 +86,12 @@ double weight_sum(const CrossEntropyArgs& a) {
 // (102 -> 129 ms): each first touch faults in a zeroed page, which the streaming store then evicts.
 constexpr int64_t kStreamingMinBytes = int64_t(64) << 20;
 
+int64_t row_bytes(const CrossEntropyArgs& a) {
+  return a.vocab * (a.dtype == kFloat32 ? 4 : a.dtype == kFloat64 ? 8 : 2);
+}
+
 BackwardIO with_store_mode(BackwardIO io, const CrossEntropyArgs& a) {
-  const int64_t bytes = a.rows * a.vocab * (a.dtype == kFloat32 ? 4 : a.dtype == kFloat64 ? 8 : 2);
+  const int64_t bytes = a.rows * row_bytes(a);
   io.streaming = bytes >= kStreamingMinBytes && io.dlogits == a.logits;
   return io;
 }
@@ -109,8 +113,8 @@ constexpr int64_t kChunksPerThread = 8;
 void run_rows(const CrossEntropyArgs& a, int passes, int max_threads, const RowRange& fn) {
   const int64_t work = a.rows * (a.vocab + kRowElements) * passes;
   const int threads = int(std::max<int64_t>(1, std::min<int64_t>(max_threads, work / kMinThreadWork)));
-  const int64_t row_bytes = std::max<int64_t>(1, a.vocab * (a.dtype == kFloat32 ? 4 : a.dtype == kFloat64 ? 8 : 2));
-  const int64_t chunk_rows = std::min((kChunkBytes + row_bytes - 1) / row_bytes,
+  const int64_t row = std::max<int64_t>(1, row_bytes(a));
+  const int64_t chunk_rows = std::min((kChunkBytes + row - 1) / row,
                                       (a.rows + threads * kChunksPerThread - 1) / (threads * kChunksPerThread));
   parallel_rows(a.rows, chunk_rows, threads, fn);
 }
