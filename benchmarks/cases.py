@@ -104,7 +104,7 @@ class LinearCrossEntropySuite:
     dtypes = {"cuda": [torch.bfloat16], "cpu": [torch.float32]}
     quick_shapes = {"cpu": [(256, 256, 32000)], "cuda": [(4096, 4096, 128256)]}
     quick_dtypes = dtypes
-    quick_minutes = 2
+    quick_minutes = 5  # 260 s with other jobs on the machine, mostly torch's chunked path
     @staticmethod
     def providers(device: str) -> Dict[str, object]:
         return providers.linear_providers(device)
