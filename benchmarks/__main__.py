@@ -1,10 +1,12 @@
-"""python -m benchmarks [--device cpu|cuda] [--quick] [--out DIR] [--providers ...] [--exclude ...]
-[--shapes ...] [--dtypes ...] [--ops ...]: time, effective bandwidth, peak memory and correctness of every
-cross-entropy provider on this machine; writes a table, results.json and PNG plots."""
+"""python -m benchmarks [--suite ce|linear] [--device cpu|cuda] [--quick] [--out DIR] [--providers ...]
+[--exclude ...] [--shapes ...] [--dtypes ...] [--ops ...]: time, throughput (effective bandwidth for
+cross-entropy, FLOP/s for linear + cross-entropy), peak memory and correctness of every provider on
+this machine; prints a table and writes results-<suite>.json and PNG plots into --out."""
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import math
 import os
 import platform
@@ -16,14 +18,24 @@ import torch
 from . import cases, measure, report
 from .providers import OPS
 
+# Modules whose suites register themselves with cases.register (a new suite's module goes here).
+SUITE_MODULES = ("benchmarks.cases",)
+for _module in SUITE_MODULES:
+    importlib.import_module(_module)
+# Left out of --quick on the CPU unless named with --providers: each would take most of its time.
+SLOW_ON_CPU = {"torch-compile": "compiling takes minutes",
+               "fusedce-torch": "the pure-PyTorch fallback takes a minute at the quick shape"}
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     p.add_argument("--suite", choices=sorted(cases.SUITES), default="ce",
                    help="ce: cross-entropy on logits; linear: fused linear + cross-entropy (default: ce)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="a small set (under 2 minutes on a 2-core CPU)")
-    p.add_argument("--out", default=os.path.join("benchmarks", "out"), help="directory for results.json and plots")
+    p.add_argument("--quick", action="store_true", help="a small set (on a 2-core CPU: " + ", ".join(
+        f"{name} under {s.quick_minutes} minutes" for name, s in sorted(cases.SUITES.items())) + ")")
+    p.add_argument("--out", default=os.path.join("benchmarks", "out"),
+                   help="directory for results-<suite>.json and the plots (default: benchmarks/out)")
     p.add_argument("--providers", help="comma-separated provider names (default: all that can run)")
     p.add_argument("--exclude", help="comma-separated provider names to leave out")
     p.add_argument("--shapes", help="comma-separated ROWSxVOCAB (ce) or TOKENSxHIDDENxVOCAB (linear); "
@@ -78,16 +90,6 @@ class Progress:
         sys.stderr.flush()
         if self.done == self.total:
             sys.stderr.write("\n")
-
-
-def copy_bandwidth(device: str, repeats: int) -> float:
-    """GB/s of a plain device copy (bytes read + written), the yardstick for every provider."""
-    nbytes = (1 << 30) if device == "cuda" else (512 << 20)
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
-    dst = torch.empty_like(src)
-    case = ((lambda: None), (lambda: dst.copy_(src)))
-    ms = measure.time_gpu([case], repeats) if device == "cuda" else measure.time_cpu([[case]], repeats)[0]
-    return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -163,12 +165,9 @@ def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, pro
         if memory:
             peak = (measure.peak_memory_gpu(built[i][0]) if device == "cuda"
                     else measure.peak_memory_cpu(suite.name, name, op, shape, dtype))
-        record = {"provider": name, "op": op, "shape": list(shape), "dtype": str(dtype)[6:], "ms": ms,
-                  "gbps": suite.traffic_bytes(op, shape, dtype) / (ms * 1e-3) / 1e9, "peak_mem_bytes": peak,
-                  "logits_bytes": size, "loss": loss, "correct": ok, "problem": problem}
-        if suite.flops(op, shape):
-            record["tflops"] = suite.flops(op, shape) / (ms * 1e-3) / 1e12
-        records.append(record)
+        records.append({"provider": name, "op": op, "shape": list(shape), "dtype": str(dtype)[6:], "ms": ms,
+                        suite.metric[0]: suite.throughput(op, shape, dtype, ms), "peak_mem_bytes": peak,
+                        "logits_bytes": size, "loss": loss, "correct": ok, "problem": problem})
 
     if device == "cpu":
         shared = [i for i, (name, _) in enumerate(jobs) if name not in measure.ISOLATED_PROVIDERS]
@@ -212,12 +211,14 @@ def main(argv=None) -> None:
     repeats = args.repeats or (25 if device == "cuda" else 5)
     suite = cases.SUITES[args.suite]
     configs, ops, providers, skipped = select(args, suite, device)
-    if device == "cpu" and args.quick and "torch-compile" in providers and not args.providers:
-        skipped.append({"provider": "torch-compile", "reason": "--quick on the CPU: compiling takes minutes"})
-        del providers["torch-compile"]
+    if device == "cpu" and args.quick and not args.providers:
+        for name in SLOW_ON_CPU.keys() & providers.keys():
+            skipped.append({"provider": name, "reason": f"--quick on the CPU: {SLOW_ON_CPU[name]}"})
+            del providers[name]
     total = sum(len([op for op in ops if op in p.ops]) for p in providers.values()) * len(configs)
     progress = Progress(total)
-    copy_gbps = copy_bandwidth(device, repeats)
+    # the yardstick of the suite's metric, measured in this run: copy bandwidth, or a plain matmul's FLOP/s
+    peaks = {str(d)[6:]: suite.peak(device, d, repeats) for d in dict.fromkeys(d for _, d in configs)}
     records = []
     interrupted = lost = None
     try:
@@ -231,7 +232,7 @@ def main(argv=None) -> None:
     if interrupted:
         print(f"\n{interrupted}", file=sys.stderr)
     result = {"suite": suite.name, "baselines": list(suite.baselines),
-              "device": device_name(device), "copy_gbps": copy_gbps, "torch": torch.__version__,
+              "device": device_name(device), "metric": list(suite.metric), "peaks": peaks, "torch": torch.__version__,
               "triton": triton_version(), "commit": git_commit(),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": "python -m benchmarks " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -36,6 +36,67 @@ def time_cpu(cases: Sequence[Sequence[Case]], repeats: int, warmup: int = 1) -> 
             if r >= warmup:
                 samples[i].append(elapsed * 1e3)
     return [statistics.median(s) for s in samples]
+
+
+def time_calls(runs: Dict[str, Callable], calls: int, before: Callable = lambda: None) -> Dict[str, List[float]]:
+    """Seconds of each of `calls` calls of each run, the runs alternating call by call (their order
+    flipped every round), so that a slow phase of the machine hits each alike; before() runs untimed
+    before every call (a device sync, say)."""
+    names = list(runs)
+    seconds: Dict[str, List[float]] = {name: [] for name in names}
+    for i in range(calls):
+        for name in names if i % 2 == 0 else names[::-1]:
+            before()
+            t0 = time.perf_counter()
+            runs[name]()
+            seconds[name].append(time.perf_counter() - t0)
+    return seconds
+
+
+class BusyCore:
+    """Another process keeping one core busy for the duration of a `with` block: what a data loader or a
+    second job does to a training process."""
+
+    def __enter__(self):
+        self.process = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        time.sleep(0.5)  # until it runs
+        return self
+
+    def __exit__(self, *exc):
+        self.process.kill()
+        self.process.wait()
+
+
+class OtherLoad:
+    """Cores' worth of CPU time taken by everything but this process and `mine` (/proc, Linux only): about
+    0 on a quiet machine, 1 with a BusyCore; anything else means that something else disturbed a case."""
+
+    def __init__(self, mine=()):
+        self.pids = [os.getpid()] + [p.pid for p in mine]
+        self.start = self.sample()
+
+    def sample(self):
+        try:
+            with open("/proc/stat") as f:
+                fields = [int(v) for v in f.readline().split()[1:]]
+            busy = sum(fields) - fields[3] - fields[4]  # all but idle and iowait, steal included
+            ours = 0
+            for pid in self.pids:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read().rsplit(")", 1)[1].split()
+                ours += int(stat[11]) + int(stat[12])  # utime + stime
+            return time.monotonic(), busy - ours
+        except OSError:
+            return None
+
+    def cores(self) -> Optional[float]:
+        """Since the last call (or the start)."""
+        end = self.sample()
+        if end is None or self.start is None:
+            return None
+        value = (end[1] - self.start[1]) / os.sysconf("SC_CLK_TCK") / max(end[0] - self.start[0], 1e-9)
+        self.start = end
+        return value
 
 
 def time_gpu(copies: Sequence[Case], repeats: int, warmup: int = 3) -> float:

@@ -16,16 +16,14 @@ import datetime
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 
 import fusedce
 
-from . import callpath
+from . import callpath, measure
 from .__main__ import device_name, git_commit
 
 SMALL = [(32, 10), (64, 1000), (256, 1000), (1024, 1000), (64, 32000)]
@@ -47,20 +45,6 @@ def calls(loss, logits, target, op):
     return run
 
 
-def time_interleaved(runs: dict, samples: int, device: str) -> dict:
-    """Per-call seconds of each run, the runs alternating call by call (order flipped every round)."""
-    names = list(runs)
-    times = {n: [] for n in names}
-    for i in range(samples):
-        for name in names if i % 2 == 0 else names[::-1]:
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            runs[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
-
-
 def summary(seconds: list) -> dict:
     ordered = sorted(seconds)
     median = statistics.median(ordered)
@@ -77,26 +61,14 @@ def measure_case(shape, dtype, op, device, quick: bool) -> dict:
         for _ in range(3):
             run()
     budget = 1.0 if quick else 4.0  # seconds per case; samples from a first timing of both
-    first = time_interleaved(runs, 2, device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    first = measure.time_calls(runs, 2, sync)
     per_round = sum(min(t) for t in first.values())
     samples = int(max(10, min(20000, budget / max(per_round, 1e-6))))
-    times = time_interleaved(runs, samples, device)
+    times = measure.time_calls(runs, samples, sync)
     stats = {name: summary(t) for name, t in times.items()}
     return {"shape": list(shape), "dtype": str(dtype)[6:], "op": op, **{n: s for n, s in stats.items()},
             "fusedce_over_torch": stats["fusedce"]["median_us"] / stats["torch"]["median_us"]}
-
-
-class BusyCore:
-    """A process spinning on one core for the duration of a `with` block."""
-
-    def __enter__(self):
-        self.proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-        time.sleep(0.5)  # let it get scheduled
-        return self
-
-    def __exit__(self, *exc):
-        self.proc.kill()
-        self.proc.wait()
 
 
 def table(records) -> str:
@@ -123,7 +95,7 @@ def main(argv=None) -> None:
     loads = ["quiet"] + (["one core busy"] if args.load else [])
     records = []
     for load in loads:
-        with BusyCore() if load != "quiet" else contextlib.nullcontext():
+        with measure.BusyCore() if load != "quiet" else contextlib.nullcontext():
             for shape, dtype, op in cases:
                 record = measure_case(shape, dtype, op, args.device, args.quick)
                 record["load"] = load

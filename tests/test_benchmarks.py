@@ -116,3 +116,25 @@ def test_a_lost_cuda_context_stops_the_run(monkeypatch):
     with pytest.raises(harness.ContextLost, match="CUDA context lost in provider broken: RuntimeError at broken fwd"):
         run()
     assert records == [] and len(skipped) == 1
+
+
+def test_speed_ups_say_faster_or_slower():
+    from benchmarks.report import speedup
+    assert (speedup(2.0, 1.0), speedup(1.0, 4.0), speedup(1.0, 1.001)) == ("2.00× faster", "4.00× slower", "1.00×")
+
+
+def test_a_run_of_one_size_still_plots_every_op(tmp_path):
+    """--quick measures one vocabulary size: bars per provider, the fused mode beside the others' fwd+bwd."""
+    pytest.importorskip("matplotlib")
+    harness.main(["--device", "cpu", "--providers", "fusedce-torch,torch", "--ops", "fwd,fwd+bwd,fused",
+                  "--no-memory", "--repeats", "1", "--shapes", "4x16", "--dtypes", "float32", "--out", str(tmp_path)])
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["ce_fwd_bwd_float32.png", "ce_fwd_float32.png"]
+
+
+def test_linear_suite_reports_flops_against_a_matmul_of_the_same_run(tmp_path):
+    harness.main(["--suite", "linear", "--device", "cpu", "--providers", "materialised", "--no-memory",
+                  "--repeats", "1", "--shapes", "8x16x64", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "results-linear.json").read_text())
+    assert result["metric"] == ["tflops", "TFLOP/s", "matmul"] and result["peaks"]["float32"] > 0
+    fwd = next(r for r in result["records"] if r["op"] == "fwd")
+    assert fwd["tflops"] == pytest.approx(2 * 8 * 16 * 64 / (fwd["ms"] * 1e-3) / 1e12)

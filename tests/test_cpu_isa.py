@@ -1,5 +1,6 @@
-"""The CPU kernels are compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time; each
-variant this CPU can run is checked here in a subprocess with FUSEDCE_CPU_ISA forcing it."""
+"""The CPU kernels are compiled for AVX-512, AVX2 and baseline x86-64 and picked at run time (a build
+without x86-64 code has the baseline only); each variant this CPU and build can run is checked here in
+a subprocess with FUSEDCE_CPU_ISA forcing it."""
 import os
 import subprocess
 import sys
@@ -61,4 +62,5 @@ def test_unknown_instruction_set_is_an_error():
     code = "import torch, fusedce; fusedce.cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]), backend='cpu')"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "ValueError: FUSEDCE_CPU_ISA=avx9000: expected avx512, avx2 or baseline" in proc.stderr
+    assert "ValueError: FUSEDCE_CPU_ISA=avx9000: expected " in proc.stderr  # ... the sets this build has
+    assert "baseline" in proc.stderr.splitlines()[-1]

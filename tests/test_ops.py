@@ -1,5 +1,4 @@
 """The op layer: opcheck on each custom op, torch.compile without graph breaks, the in-place option."""
-import functools
 import json
 import os
 import subprocess
@@ -10,7 +9,7 @@ import torch
 from torch._dynamo.testing import AotEagerAndRecordGraphs
 
 import fusedce
-from conftest import DEVICE, device_of
+from conftest import device_of
 from reference import assert_close, reference_loss, to64
 
 OPTION_SETS = [(-100, 0.0, 0.0, 0.0), (3, 0.1, 1e-3, 4.0)]

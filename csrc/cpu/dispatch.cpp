@@ -1,19 +1,23 @@
-// Host side of the CPU kernels: checks the targets, picks the instruction set once, and splits the
-// rows over OpenMP threads (each row is independent; a row's blocks stay in one thread's cache).
+// Host side of the CPU kernels: checks the targets, picks the instruction set once, and spreads the
+// rows over threads where the work pays for them (each row is independent; a row's blocks stay in one
+// thread's cache).
 #include "dispatch.h"
 
-#include <omp.h>
+#if defined(__linux__)
 #include <sys/mman.h>
+#endif
 
 #include <cstdlib>
-#include <exception>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
+#include "row_pool.h"
+
 namespace fusedce {
 namespace {
 
+#if FUSEDCE_X86
 bool cpu_has_avx512() {
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -21,22 +25,32 @@ bool cpu_has_avx512() {
 bool cpu_has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 }
+constexpr const char* kCompiledIsas = "avx512, avx2 or baseline";
+#else
+constexpr const char* kCompiledIsas = "baseline (the only kernels of a build without x86-64 code)";
+#endif
 
 // FUSEDCE_CPU_ISA=avx2|baseline forces a narrower instruction set than the CPU has (the tests use it to
-// cover every variant on one machine). An unknown name, or one this CPU cannot run, raises ValueError
-// at the first kernel call rather than being ignored.
+// cover every variant on one machine). An unknown name, or one this CPU or build cannot run, raises
+// ValueError at the first kernel call rather than being ignored.
 const KernelTable& pick_table() {
+#if FUSEDCE_X86
   __builtin_cpu_init();
+#endif
   if (const char* forced = std::getenv("FUSEDCE_CPU_ISA")) {
     const std::string isa = forced;
     if (isa == "baseline") return kTable_baseline;
+#if FUSEDCE_X86
     if (isa == "avx2" && cpu_has_avx2()) return kTable_avx2;
     if (isa == "avx512" && cpu_has_avx512()) return kTable_avx512;
-    throw std::invalid_argument("FUSEDCE_CPU_ISA=" + isa +
-                                ": expected avx512, avx2 or baseline, and one this CPU supports");
+#endif
+    throw std::invalid_argument("FUSEDCE_CPU_ISA=" + isa + ": expected " + kCompiledIsas +
+                                ", and one this CPU supports");
   }
+#if FUSEDCE_X86
   if (cpu_has_avx512()) return kTable_avx512;
   if (cpu_has_avx2()) return kTable_avx2;
+#endif
   return kTable_baseline;
 }
 
@@ -74,12 +88,8 @@ double weight_sum(const CrossEntropyArgs& a) {
 void store_scalar(void* p, int dtype, double v) {
   switch (dtype) {
     case kFloat64: *static_cast<double*>(p) = v; return;
-    case kFloat16: *static_cast<_Float16*>(p) = _Float16(float(v)); return;
-    case kBFloat16: {
-      const uint32_t u = __builtin_bit_cast(uint32_t, float(v));
-      *static_cast<uint16_t*>(p) = v != v ? uint16_t((u >> 16) | 0x40u) : uint16_t((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-      return;
-    }
+    case kFloat16: *static_cast<Half*>(p) = Half(float(v)); return;
+    case kBFloat16: *static_cast<uint16_t*>(p) = float_to_bf16(float(v)); return;
     default: *static_cast<float*>(p) = float(v);
   }
 }
@@ -93,44 +103,51 @@ constexpr int64_t kStreamingMinBytes = int64_t(64) << 20;
 
 // A fresh multi-megabyte gradient buffer costs a page fault per 4 KiB on first write; asking for
 // transparent huge pages first halves the cost of that first touch (measured: 524 MB written in
-// 67 ms instead of 140 ms on the 2-core CI machine). Only a hint: errors are ignored.
+// 67 ms instead of 140 ms on the 2-core CI machine). Only a hint: errors are ignored. Only Linux has
+// transparent huge pages; elsewhere this does nothing.
 constexpr int64_t kHugePagesMinBytes = int64_t(8) << 20;
 
 void advise_huge_pages(void* ptr, int64_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
   const uintptr_t huge = uintptr_t(1) << 21, p = reinterpret_cast<uintptr_t>(ptr);
   const uintptr_t begin = (p + huge - 1) & ~(huge - 1), end = (p + uintptr_t(nbytes)) & ~(huge - 1);
   if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr, (void)nbytes;
+#endif
 }
+
+int64_t row_bytes(const CrossEntropyArgs& a) { return a.vocab * element_size(a.dtype); }
 
 // How dlogits is written: streaming stores in place, huge pages for a fresh buffer (both for large ones).
 BackwardIO with_store_mode(BackwardIO io, const CrossEntropyArgs& a) {
-  const int64_t bytes = a.rows * a.vocab * element_size(a.dtype);
+  const int64_t bytes = a.rows * row_bytes(a);
   io.streaming = bytes >= kStreamingMinBytes && io.dlogits == a.logits;
   if (io.dlogits != a.logits && bytes >= kHugePagesMinBytes) advise_huge_pages(io.dlogits, bytes);
   return io;
 }
 
-// Static split of rows over threads: rows cost the same, and contiguous ranges keep streams sequential.
-// An exception (std::bad_alloc of a row cache) must not leave the parallel region, where it would end
-// the process: the first one is kept and rethrown after it.
-template <typename Fn>
-void parallel_rows(int64_t rows, int num_threads, Fn fn) {
-  if (rows == 0) return;
-  const int nt = int(std::max<int64_t>(1, std::min<int64_t>(num_threads, rows)));
-  std::exception_ptr error;
-#pragma omp parallel num_threads(nt)
-  {
-    const int64_t id = omp_get_thread_num(), n = omp_get_num_threads();
-    const int64_t begin = rows * id / n, end = rows * (id + 1) / n;
-    try {
-      fn(begin, end);
-    } catch (...) {
-#pragma omp critical(fusedce_error)
-      if (!error) error = std::current_exception();
-    }
-    _mm_sfence();  // order this thread's streaming stores before the caller reads the output
-  }
-  if (error) std::rethrow_exception(error);
+// How many threads a call gets, and the rows each claims at a time. Work is counted in elements
+// passed over (a row costs about kRowElements more than its vocabulary: its target, logs, stores).
+// A thread is added per kMinThreadWork of work, about 1 ms of one thread's time on the 2-core CI
+// machine (AVX2; fp32 and bf16 cost the same there): below that, waking a worker saves less than it
+// risks, since with another process busy on a core the worker can wait for a time slice. Measured
+// there, 2 threads against 1 in one process: 1.3x faster at 128x4096 (0.5 ms), 1.6x at 64x32000.
+constexpr int64_t kRowElements = 64;
+constexpr int64_t kMinThreadWork = int64_t(1) << 20;
+// A chunk is at most kChunkBytes of logits and an eighth of a thread's share: long enough to keep
+// the prefetchers streaming, short enough that the threads still running take over the rows of one
+// the OS descheduled. (256 KiB chunks made the fused kernel slower: each chunk sets up its row caches.)
+constexpr int64_t kChunkBytes = int64_t(2) << 20;
+constexpr int64_t kChunksPerThread = 8;
+
+void run_rows(const CrossEntropyArgs& a, int passes, int max_threads, const RowRange& fn) {
+  const int64_t work = a.rows * (a.vocab + kRowElements) * passes;
+  const int threads = int(std::max<int64_t>(1, std::min<int64_t>(max_threads, work / kMinThreadWork)));
+  const int64_t row = std::max<int64_t>(1, row_bytes(a));
+  const int64_t chunk_rows = std::min((kChunkBytes + row - 1) / row,
+                                      (a.rows + threads * kChunksPerThread - 1) / (threads * kChunksPerThread));
+  parallel_rows(a.rows, chunk_rows, threads, fn);
 }
 
 }  // namespace
@@ -175,7 +192,7 @@ void cross_entropy_forward(CrossEntropyArgs a, ForwardOut out, const BackwardIO*
     }
   }
   const BackwardIO* g = grad ? &io : nullptr;
-  parallel_rows(a.rows, num_threads, [&](int64_t b, int64_t e) { t.forward_rows(a, rows_out, g, b, e); });
+  run_rows(a, grad ? 2 : 1, num_threads, [&](int64_t b, int64_t e) { t.forward_rows(a, rows_out, g, b, e); });
   if (out.reduction == kNone) return;
   double total = 0;
   for (int64_t r = 0; r < a.rows; ++r)
@@ -188,7 +205,7 @@ void cross_entropy_backward(CrossEntropyArgs a, BackwardIO io, int num_threads) 
   a.weight_sum = weight_sum(a);
   io = with_store_mode(io, a);
   const KernelTable& t = table();
-  parallel_rows(a.rows, num_threads, [&](int64_t b, int64_t e) { t.backward_rows(a, io, b, e); });
+  run_rows(a, 2, num_threads, [&](int64_t b, int64_t e) { t.backward_rows(a, io, b, e); });
 }
 
 }  // namespace fusedce

@@ -36,13 +36,6 @@ struct BF16 {
   uint16_t bits;
 };
 
-inline float bf16_to_float(uint16_t b) { return __builtin_bit_cast(float, uint32_t(b) << 16); }
-inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t u = __builtin_bit_cast(uint32_t, f);
-  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-  return f != f ? uint16_t((u >> 16) | 0x40u) : uint16_t(rounded);
-}
-
 // exp(x) for x <= 0, the only range the kernels need (x - max, x - lse). Cody-Waite range reduction and
 // the Cephes polynomial (about 1 ulp); exactly 0 below the float range; NaN propagates.
 inline vf32 exp_nonpositive(vf32 x) {
@@ -112,7 +105,7 @@ template <typename Acc>
 inline void load_block(const void* base, int dtype, int64_t n, Acc* dst) {
   switch (dtype) {
     case kFloat32: return convert_in(static_cast<const float*>(base), n, dst);
-    case kFloat16: return convert_in(static_cast<const _Float16*>(base), n, dst);
+    case kFloat16: return convert_in(static_cast<const Half*>(base), n, dst);
     case kBFloat16: return convert_in(static_cast<const BF16*>(base), n, dst);
     default: return convert_in(static_cast<const double*>(base), n, dst);
   }
@@ -128,21 +121,6 @@ inline void convert_out(const Acc* src, int64_t n, T* dst) {
   }
 }
 
-// Copies with non-temporal 16-byte stores (SSE2, so every x86-64 has them): a gradient far larger
-// than the caches is not read back soon, and streaming stores skip the read-for-ownership of each
-// destination line, which otherwise costs as much memory traffic as the write itself.
-inline void stream_bytes(void* dst, const void* src, int64_t nbytes) {
-  char* d = static_cast<char*>(dst);
-  const char* s = static_cast<const char*>(src);
-  const int64_t head = std::min<int64_t>(int64_t(-reinterpret_cast<uintptr_t>(d) & 15), nbytes);
-  std::memcpy(d, s, head);
-  d += head, s += head, nbytes -= head;
-  const int64_t body = nbytes & ~int64_t(15);
-  for (int64_t i = 0; i < body; i += 16)
-    _mm_stream_si128(reinterpret_cast<__m128i*>(d + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
-  std::memcpy(d + body, s + body, nbytes - body);
-}
-
 template <typename T, typename Acc>
 inline void store_as(const Acc* src, int64_t n, void* dst, bool streaming) {
   if (!streaming) return convert_out(src, n, static_cast<T*>(dst));
@@ -155,7 +133,7 @@ template <typename Acc>
 inline void store_block(void* base, int dtype, int64_t n, const Acc* src, bool streaming) {
   switch (dtype) {
     case kFloat32: return store_as<float>(src, n, base, streaming);
-    case kFloat16: return store_as<_Float16>(src, n, base, streaming);
+    case kFloat16: return store_as<Half>(src, n, base, streaming);
     case kBFloat16: return store_as<BF16>(src, n, base, streaming);
     default: return store_as<double>(src, n, base, streaming);
   }

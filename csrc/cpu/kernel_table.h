@@ -1,7 +1,5 @@
 // One set of row kernels per instruction set (kernel_<isa>.cpp); dispatch.cpp picks one at run time.
 #pragma once
-#include <emmintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -11,6 +9,7 @@
 #include <vector>
 
 #include "kernel_args.h"
+#include "platform.h"
 
 namespace fusedce {
 
@@ -21,6 +20,10 @@ struct KernelTable {
   void (*backward_rows)(const CrossEntropyArgs&, const BackwardIO&, int64_t begin, int64_t end);
 };
 
-extern const KernelTable kTable_avx512, kTable_avx2, kTable_baseline;
+// baseline: SSE2 on x86-64, the target's own vectors elsewhere (NEON on aarch64)
+extern const KernelTable kTable_baseline;
+#if FUSEDCE_X86
+extern const KernelTable kTable_avx512, kTable_avx2;
+#endif
 
 }  // namespace fusedce

@@ -3,6 +3,7 @@ turns tensors into the module's arguments (pointers, sizes, strides, dtype codes
 the targets (IndexError, before any row is computed) and reduce "sum" and "mean" themselves."""
 from __future__ import annotations
 
+import importlib
 from typing import Optional
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from . import Backend
 
 try:
-    from .. import _C
+    _C = importlib.import_module("fusedce._C")  # not "from .. import": its error would blame a circular import
     IMPORT_ERROR: Optional[str] = None
     DTYPE_CODES = {getattr(torch, name): code for name, code in _C.DTYPES.items()}
     REDUCTION_CODES = {name: code for code, name in enumerate(_C.REDUCTIONS)}

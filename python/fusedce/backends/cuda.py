@@ -4,6 +4,7 @@ device index and the stream) and plans their launch. CUDA tensors only."""
 from __future__ import annotations
 
 import functools
+import importlib
 from typing import NamedTuple, Optional
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from . import Backend, weight_sum
 
 try:
-    from .. import _cuda
+    _cuda = importlib.import_module("fusedce._cuda")  # not "from .. import": its error would blame a circular import
     IMPORT_ERROR: Optional[str] = None
     DTYPE_CODES = {getattr(torch, name): code for name, code in _cuda.DTYPES.items()}
 except ImportError as e:  # built without nvcc, or with FUSEDCE_BUILD_CUDA=0
