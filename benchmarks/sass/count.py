@@ -1,13 +1,14 @@
 """Instructions per element of one kernel launch, from its SASS.
 
-Hot loops are found by their backward branches: a branch to a lower address closes a loop, and the
-innermost loops that read global memory are the loops that stream the row (the kernels read single
+Hot loops are found by their backward branches: a branch to an earlier block closes a natural loop, and
+the innermost loops that read global memory are the loops that stream the row (the kernels read single
 elements outside loops: a row's target, its unaligned head and tail).
 An iteration of one covers `elements per iteration` elements per thread (the caller says how many, see
 `Launch`); every instruction of its body counts once per iteration, on both sides of any branch inside it
 (so no branch is assumed rare, and the count is an upper bound of the hot path). Everything else in the
 kernel (per-row setup, reductions, the loss, the tail of a row, loops that do not stream) counts once per row
-for every thread of the row's threads: per element, instructions * threads / row length. Code reached only
+for every thread of the row's threads: per element, instructions * threads / row length; where a branch on
+threadIdx.x leaves it to the first warp, for 32 threads. Code reached only
 through CALL (the slow paths of IEEE division and the like) and the padding after the last instruction do
 not count."""
 from __future__ import annotations
@@ -84,21 +85,70 @@ HOT_LOOP_FORBIDDEN = {"spills": _spill, "software_log": _software_log, "full_div
 
 
 class Loop(NamedTuple):
-    start: int
-    end: int  # address of the (last) backward branch
+    header: int  # address of the loop's first instruction
+    addresses: frozenset  # the addresses of its body: every instruction on a path from the header back to it
+
+
+_ENDS_BLOCK = ("BRA", "BRX", "JMP", "JMX", "EXIT", "RET", "KILL")
+
+
+def _blocks(instructions: List[Instruction]) -> Tuple[List[List[Instruction]], Dict[int, List[int]]]:
+    """Basic blocks in address order and, for each, the indices of the blocks it can continue to."""
+    targets = {i.target for i in instructions if i.target is not None and i.base in _ENDS_BLOCK}
+    blocks: List[List[Instruction]] = []
+    for n, i in enumerate(instructions):
+        if not blocks or i.address in targets or instructions[n - 1].base in _ENDS_BLOCK:
+            blocks.append([])
+        blocks[-1].append(i)
+    index = {b[0].address: k for k, b in enumerate(blocks)}
+    succ: Dict[int, List[int]] = {}
+    for k, b in enumerate(blocks):
+        last = b[-1]
+        out = []
+        if last.base in ("BRA", "BRX", "JMP") and last.target in index:
+            out.append(index[last.target])
+        unconditional = last.base in _ENDS_BLOCK and not last.predicate and not last.opcode.startswith("BRA.DIV")
+        if not unconditional and k + 1 < len(blocks):
+            out.append(k + 1)
+        succ[k] = out
+    return blocks, succ
 
 
 def loops(fn: Function) -> List[Loop]:
-    """Every loop: a backward branch to `start`; branches back to one start make one loop."""
-    ends: Dict[int, int] = {}
-    for i in fn.instructions:
-        if i.base == "BRA" and i.target is not None and i.target < i.address < fn.subroutines:
-            ends[i.target] = max(ends.get(i.target, 0), i.address)
-    return sorted(Loop(s, e) for s, e in ends.items())
+    """Every natural loop: a branch back to an earlier (or the same) block, its header, and every block
+    from which that branch can be reached without passing the header. Branches back to one header make
+    one loop. The compiler may lay a loop's blocks out far apart: the body follows the control flow,
+    not the addresses."""
+    blocks, succ = _blocks(counted(fn))
+    preds: Dict[int, List[int]] = collections.defaultdict(list)
+    for k, out in succ.items():
+        for o in out:
+            preds[o].append(k)
+    bodies: Dict[int, set] = {}
+    for k, out in succ.items():
+        for h in out:
+            if h <= k:  # a back edge k -> h
+                body = bodies.setdefault(h, {h})
+                stack = [k]
+                while stack:
+                    b = stack.pop()
+                    if b not in body:
+                        body.add(b)
+                        stack.extend(preds[b])
+    merged: List[set] = []  # loops whose bodies overlap without nesting are one region with several headers
+    for h, body in sorted(bodies.items()):
+        for other in merged:
+            if body & other and not (body <= other or other <= body):
+                other |= body
+                break
+        else:
+            merged.append(set(body))
+    return [Loop(blocks[min(body)][0].address, frozenset(i.address for b in body for i in blocks[b]))
+            for body in merged]
 
 
 def _inside(inner: Loop, outer: Loop) -> bool:
-    return inner != outer and outer.start <= inner.start and inner.end <= outer.end
+    return inner != outer and inner.addresses <= outer.addresses
 
 
 def hot_loops(fn: Function) -> List[Loop]:
@@ -114,7 +164,43 @@ def counted(fn: Function) -> List[Instruction]:
 
 
 def body(fn: Function, loop: Loop) -> List[Instruction]:
-    return [i for i in counted(fn) if loop.start <= i.address <= loop.end]
+    return [i for i in counted(fn) if i.address in loop.addresses]
+
+
+def _destination(i: Instruction) -> Optional[str]:
+    first = i.operands.split(",")[0].strip()
+    return first if first[:1] in ("R", "P") and first not in ("RZ", "PT") else None
+
+
+def first_warp_only(fn: Function) -> set:
+    """Addresses that only the first warp of a block runs: code a branch skips for threadIdx.x != 0 or
+    threadIdx.x >= 32 (the `if (threadIdx.x == 0)` and `if (threadIdx.x < 32)` of the per-row work). Found by
+    following which registers hold threadIdx.x and which predicates compare them, in address order."""
+    tid, outside = set(), {}  # registers holding threadIdx.x; predicate -> True when it means "not warp 0"
+    region = set()
+    instructions = counted(fn)
+    for n, i in enumerate(instructions):
+        ops = [o.strip() for o in i.operands.split(",")]
+        dest = _destination(i)
+        if i.base == "S2R" and "SR_TID.X" in i.operands:
+            tid.add(dest)
+            continue
+        if (i.base == "ISETP" and not i.predicate and len(ops) == 5 and ops[2] in tid and ".AND" in i.opcode
+                and ops[1] == ops[4] == "PT"):
+            bound = 0 if ops[3] == "RZ" else int(ops[3], 16) if ops[3].startswith("0x") else (
+                int(ops[3]) if ops[3].isdigit() else None)
+            cmp = i.opcode.split(".")[1]
+            # P true exactly for threads outside warp 0: tid != 0, tid > b (b < 32), tid >= b (b <= 32)
+            if bound is not None and ((cmp == "NE" and bound == 0) or (cmp == "GT" and bound < 32)
+                                      or (cmp == "GE" and 0 < bound <= 32)):
+                outside[ops[0]] = True
+                continue
+        if dest:
+            tid.discard(dest)
+            outside.pop(dest, None)
+        if i.base == "BRA" and i.predicate.lstrip("@") in outside and i.target is not None and i.target > i.address:
+            region.update(j.address for j in instructions[n + 1:] if j.address < i.target)
+    return region
 
 
 class Launch(NamedTuple):
@@ -144,14 +230,19 @@ def analyse(launch: Launch) -> dict:
             in_loop.add(i.address)
         found = {name: sorted({_source(i) for i in instrs if test(i)}) for name, test in HOT_LOOP_FORBIDDEN.items()}
         loops_out.append(dict(
-            start=lp.start, end=lp.end, instructions=len(instrs), elements_per_iteration=per_iteration,
+            header=lp.header, instructions=len(instrs), elements_per_iteration=per_iteration,
+            per_row=per_iteration == launch.row_length / launch.threads_per_row,
             loads_16_byte=sum(map(is_16_byte_load, instrs)), stores=sum(map(is_global_store, instrs)),
             branches=sum(1 for i in instrs if i.base == "BRA") - 1,
             **{name: where for name, where in found.items()}))
     row_weight = launch.threads_per_row / launch.row_length
     per_row = [i for i in counted(fn) if i.address not in in_loop]
+    one_warp = first_warp_only(fn)
+    for i in counted(fn):  # code only the first warp runs costs one warp's issue slots, not the block's
+        if i.address in one_warp:
+            weights[i.address] = min(1.0, 32 / launch.threads_per_row) * (weights.get(i.address) or row_weight)
     for i in per_row:
-        weights[i.address] = row_weight
+        weights.setdefault(i.address, row_weight)
     by_address = {i.address: i for i in counted(fn)}
     by_pipe = collections.Counter()
     by_line = collections.Counter()
@@ -165,7 +256,7 @@ def analyse(launch: Launch) -> dict:
     return dict(
         function=fn.name, resources=launch.resources, threads_per_row=launch.threads_per_row,
         row_length=launch.row_length, hot_loops=loops_out, per_row_instructions=len(per_row),
-        per_row_per_element=len(per_row) * row_weight, per_element=sum(weights.values()),
+        per_row_per_element=sum(weights[i.address] for i in per_row), per_element=sum(weights.values()),
         by_pipe={p: by_pipe.get(p, 0.0) for p in PIPES}, mufu=mufu,
         xu=by_pipe.get("xu", 0.0), by_line=dict(by_line.most_common()))
 
