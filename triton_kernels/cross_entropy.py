@@ -142,13 +142,14 @@ def _forward_block(logits_row, target_row, weight_ptr, start, V, label_smoothing
 
 
 @triton.jit
-def _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, label_smoothing, softcap, shift, log_s,
-                    gc, g, SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_C: tl.constexpr,
+def _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, label_smoothing, softcap, shift,
+                    gcs, g, SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_C: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, K: tl.constexpr, THREADS: tl.constexpr,
                     VEC: tl.constexpr):
-    """Stores g (p_j (K + 2 z lse) - c_j) (times the softcap's derivative) for one block; gc = g (K + 2 z lse).
-    p_j = exp(x'_j - shift - log_s): shift and log s are the unrounded max and log-sum of the fused launch, or lse
-    and 0. The target column gets its exact value after the row."""
+    """Stores g (p_j (K + 2 z lse) - c_j) (times the softcap's derivative) for one block. p_j = exp(x'_j - shift) / s:
+    shift and s are the unrounded max and sum of the fused launch, or lse and 1, and gcs = g (K + 2 z lse) / s, so
+    p_j is the forward's own term over the sum, with no rounded log in its exponent. The target column gets its
+    exact value after the row."""
     cols = _columns(start, K, THREADS, VEC)
     mask = cols < V
     if MASKED:
@@ -156,7 +157,7 @@ def _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, l
     else:
         x = tl.load(logits_row + cols).to(tl.float32)
     xc = _capped(x, softcap, HAS_SOFTCAP)
-    d = tl.exp2((xc - shift) * LOG2E - log_s * LOG2E) * gc
+    d = tl.exp2((xc - shift) * LOG2E) * gcs
     if HAS_C:
         d -= _coefficients(target_row, weight_ptr, cols, mask, V, label_smoothing, SOFT, HAS_WEIGHT, MASKED) * g
     if HAS_SOFTCAP:
@@ -296,6 +297,7 @@ def cross_entropy_kernel(
                 k = keep * w_t + label_smoothing / V * w_sum
                 g = tl.where(bad_target, float("nan"), g)
             coef = k + 2.0 * z_loss * lse
+            gcs = g * coef * tl.exp(-log_s)  # 1 / s
             if ignored:  # exact zeros, even where the row holds inf or NaN
                 for start in range(0, full, BLOCK_V):
                     _zero_block(dlogits_row, start, V, False, K, THREADS, VEC)
@@ -304,12 +306,10 @@ def cross_entropy_kernel(
             else:
                 for start in range(0, full, BLOCK_V):
                     _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, label_smoothing, softcap,
-                                    shift, log_s, g * coef, g, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, False, K, THREADS,
-                                    VEC)
+                                    shift, gcs, g, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, False, K, THREADS, VEC)
                 if full < V:
                     _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, full, V, label_smoothing, softcap,
-                                    shift, log_s, g * coef, g, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, True, K, THREADS,
-                                    VEC)
+                                    shift, gcs, g, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, True, K, THREADS, VEC)
                 if not SOFT:
                     # the target's (1-eps) w_t (p_t - 1) with expm1 (p_t ~ 1 for a confident prediction), once per row:
                     # d_t = (1-eps) w_t expm1(delta) + p_t (coef - (1-eps) w_t) - c_t, delta = x'_t - lse

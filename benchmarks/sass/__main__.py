@@ -4,7 +4,7 @@ The static issue-budget audit: compiles every GPU kernel of fusedce for sm_90 at
 picks for the acceptance shapes (Triton's launch configuration for a faked H200, the CUDA planner's
 layouts), disassembles them, counts the SASS instructions per element of their hot loops and per-row
 work, and prints them against the H200 and H100 budgets. No GPU needed. See benchmarks/sass/count.py
-for how the counting works and check() below for what CI holds the kernels to."""
+for how the counting works and rules.py for what CI (tests/test_sass.py) holds the kernels to."""
 from __future__ import annotations
 
 import argparse
@@ -18,13 +18,8 @@ from multiprocessing import get_context
 os.environ.pop("TRITON_INTERPRET", None)  # before anything imports triton: the kernels must compile
 
 from . import count, cuda_build, disasm, model, triton_build  # noqa: E402
-from .cases import MODES, SHAPES, VARIANTS, Shape, target_size  # noqa: E402
-
-# What the counts depend on. Another Triton or nvcc changes the SASS and so the counts: rerun this and
-# read the table before moving the pin (tests/test_sass.py skips on another version rather than judge
-# code it was not written for).
-PINNED = {"triton": "3.9.0", "nvcc": "13.0"}
-
+from .cases import MODES, SHAPES, VARIANTS, target_size  # noqa: E402
+from .rules import PINNED, check  # noqa: E402
 
 def _triton_cases(shapes, variants):
     """(shape, mode, variant, compile key), with one compile job per distinct compile-time configuration
@@ -84,38 +79,6 @@ def run(families, variants, shapes=SHAPES) -> dict:
         tools.update(cuda_build.versions())
     return dict(tools=tools, pinned=PINNED, limit=model.LIMIT,
                 gpus=[g._asdict() for g in model.GPUS], results=results)
-
-
-def check(result: dict) -> list:
-    """What CI holds a case to, as the list of what it breaks (empty: it passes).
-    - the plain options (the common case): instructions per element within LIMIT of the H200 budget, and
-      MUFU within its own budget;
-    - every case: no spills in a hot loop, and no software log or full-range division in one that streams
-      part of the row (a loop that takes the thread's whole share of the row in one iteration, the
-      register-cached kernels' loop over rows, holds the per-row work, where they belong);
-    - Triton: each hot loop of the plain options moves its elements in 16-byte loads (a loop the compiler
-      unrolled or whose loads it split would be counted wrongly, and run slower)."""
-    problems = []
-    h200 = model.H200.name
-    if result["variant"] == "plain":
-        if result["ratio"][h200] > model.LIMIT:
-            problems.append(f"{result['per_element']:.1f} instructions per element, {result['ratio'][h200]:.2f} of "
-                            f"the H200 budget {result['budget'][h200]:.1f} (limit {model.LIMIT})")
-        if result["mufu"] > result["mufu_budget"][h200]:
-            problems.append(f"{result['mufu']:.2f} MUFU per element, over the H200 budget "
-                            f"{result['mufu_budget'][h200]:.2f}")
-    for kernel in result["kernels"]:
-        for loop in kernel["hot_loops"]:
-            for what in count.HOT_LOOP_FORBIDDEN:
-                if loop[what] and (what == "spills" or not loop["per_row"]):
-                    problems.append(f"{what.replace('_', ' ')} in the hot loop of {kernel['function']} at "
-                                    f"{', '.join(loop[what])}")
-            if result["family"] == "triton" and result["variant"] == "plain":
-                vec = 16 // Shape.from_string(result["shape"]).element_size
-                if loop["loads_16_byte"] * vec != loop["elements_per_iteration"]:
-                    problems.append(f"a hot loop of {kernel['function']} loads {loop['loads_16_byte']} x 16 bytes for "
-                                    f"{loop['elements_per_iteration']:g} elements a thread")
-    return problems
 
 
 def table(report: dict, lines: int) -> str:

@@ -108,4 +108,5 @@ def analyse(cubins: Cubins, shape: Shape, mode: str, variant: str) -> List[dict]
 
 def versions() -> dict:
     run = subprocess.run(["nvcc", "--version"], capture_output=True, text=True)
-    return dict(nvcc=run.stdout.strip().splitlines()[-1] if run.returncode == 0 else "unknown")
+    release = [line for line in run.stdout.splitlines() if "release" in line]
+    return dict(nvcc=release[0].split(",", 1)[1].strip() if release else "unknown")  # "release 13.0, V13.0.88"
