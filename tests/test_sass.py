@@ -116,8 +116,9 @@ _LISTING = """
 
 def _analyse(threads=128, row_length=1024):
     fn = disasm.parse(_LISTING)["kernel"]
+    per_iteration = lambda body: 4 * sum(map(count.is_16_byte_load, body))  # noqa: E731
     return fn, count.analyse(count.Launch(fn, threads_per_row=threads, row_length=row_length, resources={},
-                                          elements_per_iteration=lambda body: 4 * sum(map(count.is_16_byte_load, body))))
+                                          elements_per_iteration=per_iteration))
 
 
 def test_hot_loop_follows_the_branches_not_the_addresses():

@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E): ex2 is one MUFU instruction, without exp's denormal fix-up
+# exp(x) = exp2(x * LOG2E): ex2 is one MUFU instruction, without the denormal fix-up of tl.exp
+LOG2E = tl.constexpr(1.4426950408889634)
 LOWEST = tl.constexpr(-3.4028234663852886e38)  # float32 lowest: finite, so (-inf) - m is -inf, never NaN
 
 

@@ -92,7 +92,8 @@ def table(report: dict, lines: int) -> str:
         top = "; ".join(f"{where} {n:.1f}" for where, n in r["lines"][:lines])
         flag = " FAIL" if check(r) else ""
         out.append(f"| {r['family']} | {r['shape']} | {r['mode']} | {r['variant']} | {r['per_element']:.1f} | "
-                   f"{r['ratio'][h200]:.2f}{flag} | {r['ratio'][h100]:.2f} | {r['mufu']:.2f} ({r['mufu_budget'][h200]:.2f}) | "
+                   f"{r['ratio'][h200]:.2f}{flag} | {r['ratio'][h100]:.2f} | "
+                   f"{r['mufu']:.2f} ({r['mufu_budget'][h200]:.2f}) | "
                    f"{p['fma']:.1f} / {p['alu']:.1f} / {p['xu']:.1f} / {p['lsu']:.1f} / "
                    f"{p['branch'] + p['barrier']:.1f} | {top} |")
     return "\n".join(out)
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
             json.dump(report, f, indent=1)
     failed = [r for r in report["results"] if r["problems"]]
     for r in failed:
-        print(f"FAIL {r['family']} {r['shape']} {r['mode']} {r['variant']}: {'; '.join(r['problems'])}", file=sys.stderr)
+        print(f"FAIL {r['family']} {r['shape']} {r['mode']} {r['variant']}: {'; '.join(r['problems'])}",
+              file=sys.stderr)
     return 1 if failed else 0
 
 

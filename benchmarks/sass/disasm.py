@@ -82,7 +82,8 @@ def parse(listing: str) -> Dict[str, Function]:
     def close():
         if name is None:
             return
-        instructions = [Instruction(a, p, o, ops, f, ln, labels.get(t) if t else None) for a, p, o, ops, f, ln, t in raw]
+        instructions = [Instruction(a, p, o, ops, f, ln, labels.get(t) if t else None)
+                        for a, p, o, ops, f, ln, t in raw]
         starts = [labels[c] for c in called if c in labels]
         functions[name] = Function(name, instructions, min(starts) if starts else len(instructions) * 16 + 16)
 
@@ -104,7 +105,8 @@ def parse(listing: str) -> Dict[str, Function]:
             continue
         m = _INSTRUCTION.match(text)
         if m:
-            address, predicate, opcode, operands = int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3), m.group(4)
+            address, predicate = int(m.group(1), 16), (m.group(2) or "").strip()
+            opcode, operands = m.group(3), m.group(4)
             t = _TARGET.search(operands)
             target = t.group(1) if t else None
             if opcode.startswith("CALL") and target:

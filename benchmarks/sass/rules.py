@@ -27,7 +27,8 @@ def check(result: dict) -> list:
         problems.append(f"{result['per_element']:.1f} instructions per element, {result['ratio'][h200]:.2f} of the "
                         f"H200 budget {result['budget'][h200]:.1f} (limit {model.LIMIT})")
     if plain and result["mufu"] > result["mufu_budget"][h200]:
-        problems.append(f"{result['mufu']:.2f} MUFU per element, over the H200 budget {result['mufu_budget'][h200]:.2f}")
+        problems.append(f"{result['mufu']:.2f} MUFU per element, over the H200 budget "
+                        f"{result['mufu_budget'][h200]:.2f}")
     vec = 16 // Shape.from_string(result["shape"]).element_size
     for kernel in result["kernels"]:
         where = kernel["function"]

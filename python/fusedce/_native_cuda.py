@@ -99,7 +99,8 @@ def plan(rows: int, vocab: int, element_size: int, device: Device, *, fused: boo
     if row_bytes <= WARP_ROW_MAX_BYTES:
         return LaunchPlan(WARP_PER_ROW, 256, min(-(-rows // 8), device.sms * _resident_blocks(device, 256)), 1,
                           vectorized)
-    if fused and not general and vectorized and vocab <= CACHE_PACKS * CACHED_THREADS * per_pack and rows >= device.sms:
+    held = vocab <= CACHE_PACKS * CACHED_THREADS * per_pack
+    if fused and not general and vectorized and held and rows >= device.sms:
         threads = min(CACHED_THREADS, max(64, _pow2_at_least(-(-vocab // (per_pack * CACHE_PACKS)))))
         return LaunchPlan(BLOCK_PER_ROW_CACHED, threads,
                           min(rows, device.sms * _resident_blocks(device, threads, CACHED_REGISTERS)), 1, True)
