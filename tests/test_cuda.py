@@ -41,7 +41,7 @@ def test_fused_rows_that_fit_are_held_in_registers(vocab, element_size):
     p = plan(16384, vocab, element_size, fused=True)
     assert p.layout == _native_cuda.BLOCK_PER_ROW_CACHED
     assert p.threads * _native_cuda.CACHE_PACKS * (16 // element_size) >= vocab  # the whole row
-    assert p.threads <= 1024 and p.threads % 32 == 0
+    assert p.threads <= _native_cuda.CACHED_THREADS and p.threads % 32 == 0
 
 
 @pytest.mark.parametrize("why", ["general", "not_vectorized", "too_long"])
@@ -54,10 +54,10 @@ def test_register_cache_only_where_it_applies(why):
     assert p.blocks <= max(132, (25 << 20) // (vocab * 4))
 
 
-@pytest.mark.parametrize("vocab,element_size,parts,threads", [
-    (128256, 2, 4, 512), (262144, 2, 8, 512), (262144, 4, 8, 1024), (50257, 4, 4, 512), (65537, 2, 4, 512),
-    (40000, 4, 4, 512)])
-def test_fused_long_rows_are_held_by_a_cluster(vocab, element_size, parts, threads):
+@pytest.mark.parametrize("vocab,element_size,parts", [
+    (128256, 2, 2), (262144, 2, 4), (262144, 4, 8), (50257, 4, 2), (65537, 2, 2), (40000, 4, 2)])
+def test_fused_long_rows_are_held_by_a_cluster(vocab, element_size, parts):
+    threads = _native_cuda.CACHED_THREADS
     p = plan(1024, vocab, element_size, fused=True)
     assert (p.layout, p.splits, p.threads) == (_native_cuda.CLUSTER_ROW_CACHED, parts, threads)
     assert p.blocks == 1024  # a block per (row, segment): the hardware schedules whole clusters
@@ -101,11 +101,11 @@ def test_many_long_rows_are_not_split():
 
 def test_plan_follows_the_resident_threads_of_the_gpu():
     # 64 registers a thread: an SM's 64K registers hold 1024 threads, below the 2048 (sm_90) or 1536 (sm_89)
-    # it could schedule; the cached layout's 1024-thread blocks run one per SM
+    # it could schedule; the cached layout's 512-thread blocks, at 128 registers a thread, run one per SM
     ada = _native_cuda.Device(sms=128, threads_per_sm=1536, l2_bytes=72 << 20)
     assert plan(8192, 128256, 2, device=ada).blocks == 128 * 1024 // 512
     cached = plan(16384, 32000, 4, fused=True)
-    assert (cached.layout, cached.threads, cached.blocks) == (_native_cuda.BLOCK_PER_ROW_CACHED, 1024, 132)
+    assert (cached.layout, cached.threads, cached.blocks) == (_native_cuda.BLOCK_PER_ROW_CACHED, 512, 132)
     # where the registers would hold more, the SM's thread limit binds
     roomy = _native_cuda.Device(sms=128, threads_per_sm=1536, l2_bytes=72 << 20, regs_per_sm=1 << 17)
     assert plan(8192, 128256, 2, device=roomy).blocks == 128 * 1536 // 512
@@ -188,8 +188,10 @@ def test_gradient_packs_leave_in_16_byte_stores(dtype, tmp_path):
                     "-o", str(ptx)], check=True, capture_output=True)
     entries = {body.split("(")[0]: body for body in ptx.read_text().split(".entry ")[1:]}
     cached = [name for name in entries if "cached_row_kernel" in name]
-    vector_rows = [name for name in entries if re.search(r"10row_kernelI(f|13__nv_bfloat16)Li[48]E", name)]
-    assert len(cached) == 2 and len(vector_rows) == 4, list(entries)  # (fused, cluster); (warp, block) x general
+    # the 16-byte kernels that write a gradient: (warp, block) x general x (backward, fused)
+    vector_rows = [name for name in entries
+                   if re.search(r"10row_kernelI(f|13__nv_bfloat16)Li[48]ELi(0|32)ELb[01]ELi[45]E", name)]
+    assert len(cached) == 2 and len(vector_rows) == 8, list(entries)  # cached: (fused, cluster)
     for name in cached + vector_rows:
         assert entries[name].count("st.global.v4.") >= (_native_cuda.CACHE_PACKS if name in cached else 1), name
         assert "st.global.v2." not in entries[name], name
@@ -206,9 +208,9 @@ LAYOUT_CASES = {
     "cached": (3000, 32000, torch.float32, True, {}, (C, 1)),
     "cached_unaligned_rows": (3000, 32003, torch.float32, True, {}, (C, 1)),
     "block_fused_l2": (3000, 32000, torch.float32, True, dict(softcap=30.0, z_loss=1e-4), (B, 1)),
-    "cluster_bf16_128k": (600, 128256, torch.bfloat16, True, {}, (CL, 4)),
+    "cluster_bf16_128k": (600, 128256, torch.bfloat16, True, {}, (CL, 2)),
     "cluster_fp32_1mib": (200, 262144, torch.float32, True, dict(z_loss=1e-4), (CL, 8)),
-    "cluster_unaligned_rows": (300, 50257, torch.float32, True, {}, (CL, 4)),
+    "cluster_unaligned_rows": (300, 50257, torch.float32, True, {}, (CL, 2)),
     "block_fused_past_clusters": (600, 300000, torch.float32, True, {}, (B, 1)),
     "split_rows": (2, 262144, torch.bfloat16, True, {}, (B, 32)),
     "split_rows_general": (3, 50257, torch.float32, True, dict(label_smoothing=0.2), (B, 12)),

@@ -21,15 +21,15 @@ _FLAGS = ("SOFT", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
 
 # (mode, set flags, logits dtype, soft-target dtype, BLOCK_V, num_warps, arch)
 CASES = [
-    ("fwd", (), "fp32", None, 4096, 16, 90),
-    ("bwd", (), "bf16", None, 8192, 16, 90),
-    ("fused", (), "fp16", None, 8192, 16, 80),
+    ("fwd", (), "fp32", None, 4096, 8, 90),
+    ("bwd", (), "bf16", None, 8192, 8, 90),
+    ("fused", (), "fp16", None, 8192, 8, 80),
     ("fwd", ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"), "bf16", None, 1024, 4, 90),
-    ("bwd", ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"), "fp32", None, 64, 4, 80),
-    ("fused", ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"), "bf16", None, 8192, 16, 90),
+    ("bwd", ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"), "fp32", None, 128, 1, 80),  # short rows: one warp
+    ("fused", ("HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP"), "bf16", None, 8192, 8, 90),
     ("fwd", _FLAGS, "fp32", "bf16", 2048, 8, 90),
-    ("bwd", _FLAGS, "bf16", "fp32", 1, 4, 90),  # vocabulary 1
-    ("fused", ("SOFT",), "fp16", "fp16", 4096, 16, 80),
+    ("bwd", _FLAGS, "bf16", "fp32", 256, 1, 90),  # vocabulary 1
+    ("fused", ("SOFT",), "fp16", "fp16", 4096, 8, 80),
 ]
 
 _COMPILE = """
@@ -46,8 +46,10 @@ forward, backward = mode in ("fwd", "fused"), mode in ("bwd", "fused")
 pointers = {"logits_ptr": dtype, "target_ptr": soft_dtype or "i64", "weight_ptr": "fp32", "weight_sum_ptr": "fp32",
             "loss_ptr": "fp32", "lse_ptr": "fp32", "grad_loss_ptr": "fp32", "dlogits_ptr": dtype}
 floats = ("label_smoothing", "z_loss", "softcap")
+vec = 4 if dtype == "fp32" else 8
 constexprs = {"SOFT": "SOFT" in flags, "HAS_WEIGHT": "HAS_WEIGHT" in flags, "HAS_SMOOTHING": "HAS_SMOOTHING" in flags,
-              "HAS_SOFTCAP": "HAS_SOFTCAP" in flags, "FORWARD": forward, "BACKWARD": backward, "BLOCK_V": block}
+              "HAS_SOFTCAP": "HAS_SOFTCAP" in flags, "FORWARD": forward, "BACKWARD": backward, "BLOCK_V": block,
+              "THREADS": 32 * warps, "VEC": vec}
 signature, attrs = {}, {}
 for i, name in enumerate(kernels.cross_entropy_kernel.arg_names):
     if name in constexprs:
@@ -55,7 +57,7 @@ for i, name in enumerate(kernels.cross_entropy_kernel.arg_names):
     elif name in pointers:
         signature[name] = "*" + pointers[name]
     else:
-        signature[name] = "fp32" if name in floats else "i32"  # V, strides, ignore_index
+        signature[name] = "fp32" if name in floats else "i32"  # rows, V, strides, ignore_index
     if aligned and (name in pointers or name in ("V", "logits_row_stride", "dlogits_row_stride")):
         attrs[(i,)] = [["tt.divisibility", 16]]
 target = GPUTarget("cuda", arch, 32)
@@ -90,6 +92,6 @@ def test_kernel_compiles_for_the_gpu(case):
 def test_aligned_rows_move_in_16_byte_loads_and_stores(mode, dtype, block):
     """Bandwidth needs 16-byte accesses: a change that hides the rows' alignment from Triton (an int64
     cast of an offset, say) would quietly split them into narrower ones."""
-    ptx = _compile((mode, (), dtype, None, block, 16, 90), aligned=True)
+    ptx = _compile((mode, (), dtype, None, block, 8, 90), aligned=True)
     assert ptx["loads_16b"] > 0
     assert (ptx["stores_16b"] > 0) == (mode != "fwd")  # the forward writes no gradient

@@ -76,7 +76,7 @@ void check_launch(const Params& p, const Launch& l, bool forward, bool fused) {
   // the cached layouts: the common case, 16-byte packs, and each block's segment within its registers
   const bool cached = l.layout == kBlockPerRowCached || l.layout == kClusterRowCached;
   const bool cached_ok = fused && !is_general(p) && l.vectorized && l.splits >= 1 &&
-                         Segment::length(int(p.vocab), l.splits) <=
+                         l.threads <= kCachedThreads && Segment::length(int(p.vocab), l.splits) <=
                              int64_t(kCachePacks) * l.threads * (16 / element_size(p.dtype));
   const bool layout_ok = l.layout == kWarpPerRow || l.layout == kBlockPerRow || (cached && cached_ok);
   // the forward merges the segments' states in the workspace; the backward's segments are independent

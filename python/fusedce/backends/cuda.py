@@ -21,9 +21,10 @@ except ImportError as e:  # built without nvcc, or with FUSEDCE_BUILD_CUDA=0
 
 # Must match enum Layout in csrc/cuda/params.h.
 WARP_PER_ROW, BLOCK_PER_ROW, BLOCK_PER_ROW_CACHED, CLUSTER_ROW_CACHED = 0, 1, 2, 3
-CACHE_PACKS = 8  # kCachePacks in csrc/cuda/kernels.cuh: 16-byte packs per thread of the cached layouts
+CACHE_PACKS = 16  # kCachePacks in csrc/cuda/kernels.cuh: 16-byte packs per thread of the cached layouts
+CACHED_THREADS = 512  # kCachedThreads there: at most this many threads a block in the cached layouts
+CACHED_REGISTERS = 128  # their __launch_bounds__(512) lets them use 128 registers a thread
 MAX_CLUSTER = 8  # kMaxCluster there: blocks per cluster
-CLUSTER_THREADS = 512  # two blocks per SM, so that one's reduction overlaps the other's loads
 WARP_ROW_MAX_BYTES = 4096  # up to here a warp per row: a block per row would leave most threads idle
 BLOCK_MAX_THREADS = 512  # uncached rows: two or more blocks per SM overlap one's reduction with another's loads
 SEGMENT_MIN_BYTES = 16384  # a split row's segments stay long enough to stream
@@ -60,17 +61,16 @@ def segment_length(vocab: int, parts: int) -> int:
 def _cluster_shape(vocab: int, per_pack: int):
     """(blocks per cluster, threads per block) whose registers hold a row, or None past MAX_CLUSTER blocks.
     Clusters of 2, 4 or 8 blocks: even sizes pack the SM pairs of a GPC."""
-    threads = CLUSTER_THREADS if vocab <= MAX_CLUSTER * CACHE_PACKS * CLUSTER_THREADS * per_pack else 1024
     for parts in (2, 4, 8):
-        if segment_length(vocab, parts) <= CACHE_PACKS * threads * per_pack:
-            return parts, threads
+        if segment_length(vocab, parts) <= CACHE_PACKS * CACHED_THREADS * per_pack:
+            return parts, CACHED_THREADS
     return None
 
 
-def _resident_blocks(device: Device, threads: int) -> int:
+def _resident_blocks(device: Device, threads: int, registers: int = KERNEL_REGISTERS) -> int:
     """Blocks of `threads` threads that one SM runs at once: as many as its threads and its registers allow
     (an underestimate for the scalar kernels of unaligned rows, which use fewer registers)."""
-    return max(1, min(device.threads_per_sm, device.regs_per_sm // KERNEL_REGISTERS) // threads)
+    return max(1, min(device.threads_per_sm, device.regs_per_sm // registers) // threads)
 
 
 def _block_threads(nbytes: int) -> int:
@@ -98,10 +98,11 @@ def plan(rows: int, vocab: int, element_size: int, device: Device, *, fused: boo
     if row_bytes <= WARP_ROW_MAX_BYTES:
         return LaunchPlan(WARP_PER_ROW, 256, min(-(-rows // 8), device.sms * _resident_blocks(device, 256)), 1,
                           vectorized)
-    if fused and not general and vectorized and vocab <= CACHE_PACKS * 1024 * per_pack and rows >= device.sms:
-        threads = min(1024, max(64, _pow2_at_least(-(-vocab // (per_pack * CACHE_PACKS)))))
+    held = vocab <= CACHE_PACKS * CACHED_THREADS * per_pack
+    if fused and not general and vectorized and held and rows >= device.sms:
+        threads = min(CACHED_THREADS, max(64, _pow2_at_least(-(-vocab // (per_pack * CACHE_PACKS)))))
         return LaunchPlan(BLOCK_PER_ROW_CACHED, threads,
-                          min(rows, device.sms * _resident_blocks(device, threads)), 1, True)
+                          min(rows, device.sms * _resident_blocks(device, threads, CACHED_REGISTERS)), 1, True)
     cluster = _cluster_shape(vocab, per_pack) if fused and not general and vectorized and device.clusters else None
     if cluster and rows * cluster[0] >= device.sms:
         parts, threads = cluster
