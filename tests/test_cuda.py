@@ -10,28 +10,46 @@ import pytest
 import torch
 
 import fusedce
-from fusedce.backends import cuda as _native_cuda
+from fusedce.backends import cuda as cuda_backend
 from reference import assert_close, reference_loss, to64
 
-H100 = _native_cuda.Device(sms=132, threads_per_sm=2048, l2_bytes=50 << 20, clusters=True)
-A100 = _native_cuda.Device(sms=108, threads_per_sm=2048, l2_bytes=40 << 20)  # sm_80: no clusters
-needs_module = pytest.mark.skipif(not (_native_cuda._cuda is not None),
-                                  reason=f"built without the CUDA kernels: {_native_cuda.IMPORT_ERROR}")
-needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and (_native_cuda._cuda is not None)),
+native = cuda_backend._cuda
+needs_module = pytest.mark.skipif(native is None, reason=f"built without the CUDA kernels: {cuda_backend.IMPORT_ERROR}")
+needs_gpu = pytest.mark.skipif(not (torch.cuda.is_available() and native is not None),
                                reason="needs a CUDA device and the CUDA kernels")
+pytestmark = needs_module  # the planner and the launch checks are the module's, with or without a GPU
+W, B, C, CL = range(4)  # enum Layout in csrc/cuda/params.h
+if native is not None:
+    assert native.LAYOUTS == ("warp_per_row", "block_per_row", "block_per_row_cached", "cluster_row_cached")
+    H100 = native.DeviceInfo(sms=132, threads_per_sm=2048, l2_bytes=50 << 20, clusters=True)
+    A100 = native.DeviceInfo(sms=108, threads_per_sm=2048, l2_bytes=40 << 20)  # sm_80: no clusters
+
+# FUSEDCE_ARGS of csrc/cuda/module.cpp, in order, for a plain forward of 4 x 100 fp32 rows (no memory is
+# touched: the tests below stop at the planner or at the launch checks)
+ARG_NAMES = ("logits", "logits_row_stride", "rows", "vocab", "dtype", "target", "target_is_prob",
+             "target_row_stride", "target_dtype", "weight", "weight_sum", "ignore_index", "label_smoothing",
+             "z_loss", "softcap", "lse", "grad_loss", "grad_stride", "dlogits", "dlogits_row_stride")
+ARGS = dict(logits=1 << 20, logits_row_stride=100, rows=4, vocab=100, dtype=0, target=2 << 20, target_is_prob=False,
+            target_row_stride=0, target_dtype=0, weight=0, weight_sum=0, ignore_index=-100, label_smoothing=0.0,
+            z_loss=0.0, softcap=0.0, lse=3 << 20, grad_loss=0, grad_stride=0, dlogits=0, dlogits_row_stride=0)
 
 
-def plan(rows, vocab, element_size, fused=False, general=False, soft=False, vectorized=True, device=H100):
-    return _native_cuda.plan(rows, vocab, element_size, device, fused=fused, general=general, soft=soft,
-                             vectorized=vectorized)
+def args(**overrides):
+    values = dict(ARGS, **overrides)
+    return tuple(values[name] for name in ARG_NAMES)
 
 
-# ---- launch planning (pure Python) -----------------------------------------------------------------
+def plan(rows, vocab, element_size, fused=False, device=None, **kwargs):
+    dtype = torch.float32 if element_size == 4 else torch.bfloat16
+    return cuda_backend.plan(rows, vocab, dtype, H100 if device is None else device, fused=fused, **kwargs)
+
+
+# ---- launch planning (csrc/cuda/plan.cpp) ----------------------------------------------------------
 
 
 def test_short_rows_get_a_warp_each():
     p = plan(10000, 1000, 4)
-    assert p.layout == _native_cuda.WARP_PER_ROW and p.threads == 256 and p.splits == 1
+    assert p.layout == W and p.threads == 256 and p.splits == 1
     # 8 rows per block, a full GPU of blocks: 1024 threads per SM, as many as the registers hold
     assert p.blocks == min(-(-10000 // 8), 132 * 1024 // 256)
 
@@ -39,9 +57,9 @@ def test_short_rows_get_a_warp_each():
 @pytest.mark.parametrize("vocab,element_size", [(32000, 4), (32003, 4), (65536, 2), (2000, 4)])
 def test_fused_rows_that_fit_are_held_in_registers(vocab, element_size):
     p = plan(16384, vocab, element_size, fused=True)
-    assert p.layout == _native_cuda.BLOCK_PER_ROW_CACHED
-    assert p.threads * _native_cuda.CACHE_PACKS * (16 // element_size) >= vocab  # the whole row
-    assert p.threads <= _native_cuda.CACHED_THREADS and p.threads % 32 == 0
+    assert p.layout == C
+    assert p.threads * native.CACHE_PACKS * (16 // element_size) >= vocab  # the whole row
+    assert p.threads <= native.CACHED_THREADS and p.threads % 32 == 0
 
 
 @pytest.mark.parametrize("why", ["general", "not_vectorized", "too_long"])
@@ -49,7 +67,7 @@ def test_register_cache_only_where_it_applies(why):
     kwargs = dict(general=why == "general", vectorized=why != "not_vectorized")
     vocab = 300000 if why == "too_long" else 32000  # 1.2 MB rows: more than a cluster's registers hold
     p = plan(16384, vocab, 4, fused=True, **kwargs)
-    assert p.layout == _native_cuda.BLOCK_PER_ROW and p.splits == 1
+    assert p.layout == B and p.splits == 1
     # the fused mode re-reads each row for its gradient: the rows in flight must fit in half the L2
     assert p.blocks <= max(132, (25 << 20) // (vocab * 4))
 
@@ -57,40 +75,40 @@ def test_register_cache_only_where_it_applies(why):
 @pytest.mark.parametrize("vocab,element_size,parts", [
     (128256, 2, 2), (262144, 2, 4), (262144, 4, 8), (50257, 4, 2), (65537, 2, 2), (40000, 4, 2)])
 def test_fused_long_rows_are_held_by_a_cluster(vocab, element_size, parts):
-    threads = _native_cuda.CACHED_THREADS
+    threads = native.CACHED_THREADS
     p = plan(1024, vocab, element_size, fused=True)
-    assert (p.layout, p.splits, p.threads) == (_native_cuda.CLUSTER_ROW_CACHED, parts, threads)
+    assert (p.layout, p.splits, p.threads) == (CL, parts, threads)
     assert p.blocks == 1024  # a block per (row, segment): the hardware schedules whole clusters
     # each block's segment fits in its registers; half as many blocks would not hold the row
     per_pack = 16 // element_size
-    assert _native_cuda.segment_length(vocab, parts) <= threads * _native_cuda.CACHE_PACKS * per_pack
-    assert _native_cuda.segment_length(vocab, parts // 2) > threads * _native_cuda.CACHE_PACKS * per_pack
+    assert native.segment_length(vocab, parts) <= threads * native.CACHE_PACKS * per_pack
+    assert native.segment_length(vocab, parts // 2) > threads * native.CACHE_PACKS * per_pack
 
 
 @pytest.mark.parametrize("why", ["no_clusters", "general", "not_fused", "not_vectorized", "too_few_rows"])
 def test_cluster_layout_only_where_it_applies(why):
     p = plan(16 if why == "too_few_rows" else 1024, 262144, 2, fused=why != "not_fused", general=why == "general",
              vectorized=why != "not_vectorized", device=A100 if why == "no_clusters" else H100)
-    assert p.layout == _native_cuda.BLOCK_PER_ROW
+    assert p.layout == B
     if why == "too_few_rows":  # 16 clusters of 8 blocks leave SMs idle: split rows fill the GPU instead
         assert p.splits > 8
 
 
 def test_few_long_rows_are_split_to_fill_the_gpu():
     p = plan(64, 262144, 2)
-    assert p.layout == _native_cuda.BLOCK_PER_ROW and p.blocks == 64
+    assert p.layout == B and p.blocks == 64
     assert p.splits * 64 >= 132 * 2  # two resident 512-thread blocks per SM
     small = plan(64, 16384, 4)  # 64 KiB rows in 16 KiB segments: threads sized for a segment, not the row
     assert small.splits == 4 and small.threads == 256
     # one row: as many segments as keep each at least SEGMENT_MIN_BYTES long
-    assert plan(1, 262144, 2).splits == 262144 * 2 // _native_cuda.SEGMENT_MIN_BYTES
+    assert plan(1, 262144, 2).splits == 262144 * 2 // native.SEGMENT_MIN_BYTES
     assert plan(4, 262144, 2, soft=True).splits == 1  # probability targets: K needs the whole row
     # the fused mode too: fewer rows than SMs would leave most of the GPU idle in the cached layout
     fused = plan(64, 32000, 4, fused=True)
-    assert fused.layout == _native_cuda.BLOCK_PER_ROW and fused.splits > 1
+    assert fused.layout == B and fused.splits > 1
     # unless clusters of two fill it: each row still read once
     paired = plan(100, 32000, 4, fused=True)
-    assert (paired.layout, paired.splits) == (_native_cuda.CLUSTER_ROW_CACHED, 2)
+    assert (paired.layout, paired.splits) == (CL, 2)
 
 
 def test_many_long_rows_are_not_split():
@@ -102,75 +120,71 @@ def test_many_long_rows_are_not_split():
 def test_plan_follows_the_resident_threads_of_the_gpu():
     # 64 registers a thread: an SM's 64K registers hold 1024 threads, below the 2048 (sm_90) or 1536 (sm_89)
     # it could schedule; the cached layout's 512-thread blocks, at 128 registers a thread, run one per SM
-    ada = _native_cuda.Device(sms=128, threads_per_sm=1536, l2_bytes=72 << 20)
+    ada = native.DeviceInfo(sms=128, threads_per_sm=1536, l2_bytes=72 << 20)
     assert plan(8192, 128256, 2, device=ada).blocks == 128 * 1024 // 512
     cached = plan(16384, 32000, 4, fused=True)
-    assert (cached.layout, cached.threads, cached.blocks) == (_native_cuda.BLOCK_PER_ROW_CACHED, 512, 132)
+    assert (cached.layout, cached.threads, cached.blocks) == (C, 512, 132)
     # where the registers would hold more, the SM's thread limit binds
-    roomy = _native_cuda.Device(sms=128, threads_per_sm=1536, l2_bytes=72 << 20, regs_per_sm=1 << 17)
+    roomy = native.DeviceInfo(sms=128, threads_per_sm=1536, l2_bytes=72 << 20, regs_per_sm=1 << 17)
     assert plan(8192, 128256, 2, device=roomy).blocks == 128 * 1536 // 512
     assert plan(10000, 1000, 4, device=roomy).blocks == 128 * 1536 // 256
 
 
-@needs_module
 def test_module_is_built_for_the_promised_architectures():
-    archs = _native_cuda._cuda.archs.split()
+    archs = native.archs.split()
     assert {"sm_80", "sm_86", "sm_89", "sm_90"} <= set(archs), archs
 
 
-@needs_module
 def test_cuda_backend_rejects_cpu_tensors():
     with pytest.raises(RuntimeError, match="backend 'cuda' cannot serve this input: it runs on CUDA tensors, "
                                            "got a cpu tensor"):
         fusedce.cross_entropy(torch.randn(2, 5), torch.tensor([0, 1]), backend="cuda")
 
 
-@needs_module
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
 def test_cuda_errors_reach_python_with_their_message():
     with pytest.raises(RuntimeError, match="fusedce CUDA kernels: cudaDeviceGetAttribute failed: cuda"):
-        _native_cuda._cuda.device_info(0)
+        native.device_info(0)
 
 
-LAUNCH_ARGS = dict(logits=0, logits_row_stride=100, rows=4, vocab=100, dtype=0, target_index=0, target_prob=0,
-                   target_row_stride=0, target_dtype=0, weight=0, weight_sum=0, ignore_index=-100,
-                   label_smoothing=0.0, z_loss=0.0, softcap=0.0, lse=0, grad_loss=0, grad_stride=0, dlogits=0,
-                   dlogits_row_stride=0, layout=_native_cuda.BLOCK_PER_ROW, threads=128, blocks=4, splits=1,
-                   vectorized=True, device=0, stream=0, loss=0, workspace=0)
+def forward_launch(launch=None, **overrides):
+    """The module's forward with explicit arguments and launch (a block per row of 128 threads by default)."""
+    launch = dict(dict(layout=B, threads=128, blocks=4, splits=1, vectorized=True), **(launch or {}))
+    workspace = overrides.pop("workspace", 0)
+    native.forward(*args(**overrides), native.Launch(**launch), 0, 0, 7 << 20, workspace)
 
 
-@needs_module
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error without a GPU")
-@pytest.mark.parametrize("launch", [{}, dict(layout=_native_cuda.CLUSTER_ROW_CACHED, splits=2, grad_loss=8)],
+@pytest.mark.parametrize("launch, overrides", [({}, {}), (dict(layout=CL, splits=2), dict(grad_loss=8))],
                          ids=["block_per_row", "cluster"])
-def test_valid_launches_pass_the_checks(launch):
+def test_valid_launches_pass_the_checks(launch, overrides):
     """The launches the bad ones below differ from: they fail only at the first CUDA call (no driver here)."""
     with pytest.raises(RuntimeError, match="cudaGetDevice failed"):
-        _native_cuda._cuda.forward(**dict(LAUNCH_ARGS, **launch))
+        forward_launch(launch, **overrides)
 
 
-@needs_module
-@pytest.mark.parametrize("bad,message", [
-    (dict(layout=7), "invalid launch \\(layout 7"),
-    (dict(threads=48), "invalid launch"),
-    (dict(layout=_native_cuda.BLOCK_PER_ROW_CACHED), "invalid launch"),  # only for the fused mode
-    (dict(layout=_native_cuda.CLUSTER_ROW_CACHED, splits=2), "invalid launch"),  # likewise
-    (dict(layout=_native_cuda.CLUSTER_ROW_CACHED, splits=9, grad_loss=8), "invalid launch"),  # > 8 blocks
-    (dict(layout=_native_cuda.CLUSTER_ROW_CACHED, splits=2, grad_loss=8, label_smoothing=0.1), "invalid launch"),
-    # segments of 10000 elements, registers for 128 x 8 x 4
-    (dict(layout=_native_cuda.CLUSTER_ROW_CACHED, splits=2, grad_loss=8, vocab=20000, logits_row_stride=20000),
+@pytest.mark.parametrize("launch,overrides,message", [
+    (dict(layout=7), {}, "invalid launch \\(layout 7"),
+    (dict(threads=48), {}, "invalid launch"),
+    (dict(layout=C), {}, "invalid launch"),  # only for the fused mode
+    (dict(layout=CL, splits=2), {}, "invalid launch"),  # likewise
+    (dict(layout=CL, splits=9), dict(grad_loss=8), "invalid launch"),  # > 8 blocks
+    (dict(layout=CL, splits=2), dict(grad_loss=8, label_smoothing=0.1), "invalid launch"),
+    # segments of 200000 elements, registers for 512 x 16 x 4
+    (dict(layout=CL, splits=2, threads=512), dict(grad_loss=8, vocab=400000, logits_row_stride=400000),
      "invalid launch"),
-    (dict(splits=4), "invalid launch"),  # a split forward needs its workspace
-    (dict(splits=0, workspace=16), "invalid launch"),
-    (dict(dlogits=8, dlogits_row_stride=100), "different offsets from a 16-byte boundary"),
-    (dict(dlogits=16, dlogits_row_stride=101), "different offsets from a 16-byte boundary"),  # 4-byte rows apart
-    (dict(vocab=1 << 30), "1073741824 classes; at most 2\\^30 - 1 are supported"),
-    (dict(dtype=3), "unsupported dtype code 3"),
+    (dict(layout=C, threads=1024), dict(grad_loss=8), "invalid launch"),  # more threads than the cache is built for
+    (dict(splits=4), {}, "invalid launch"),  # a split forward needs its workspace
+    (dict(splits=0), dict(workspace=16), "invalid launch"),
+    ({}, dict(dlogits=8, dlogits_row_stride=100), "different offsets from a 16-byte boundary"),
+    ({}, dict(dlogits=16, dlogits_row_stride=101), "different offsets from a 16-byte boundary"),  # 4-byte rows apart
+    ({}, dict(vocab=1 << 30), "1073741824 classes; at most 2\\^30 - 1 are supported"),
+    ({}, dict(dtype=3), "unsupported dtype code 3"),
 ])
-def test_native_module_rejects_bad_launches_before_touching_the_gpu(bad, message):
+def test_native_module_rejects_bad_launches_before_touching_the_gpu(launch, overrides, message):
     """The launch checks run before any CUDA call, so they raise the same with or without a GPU."""
     with pytest.raises((ValueError, RuntimeError), match=message):
-        _native_cuda._cuda.forward(**dict(LAUNCH_ARGS, **bad))
+        forward_launch(launch, **overrides)
 
 
 CUDA_SOURCES = Path(__file__).resolve().parents[1] / "csrc" / "cuda"
@@ -193,15 +207,15 @@ def test_gradient_packs_leave_in_16_byte_stores(dtype, tmp_path):
                    if re.search(r"10row_kernelI(f|13__nv_bfloat16)Li[48]ELi(0|32)ELb[01]ELi[45]E", name)]
     assert len(cached) == 2 and len(vector_rows) == 8, list(entries)  # cached: (fused, cluster)
     for name in cached + vector_rows:
-        assert entries[name].count("st.global.v4.") >= (_native_cuda.CACHE_PACKS if name in cached else 1), name
+        assert entries[name].count("st.global.v4.") >= (native.CACHE_PACKS if name in cached else 1), name
         assert "st.global.v2." not in entries[name], name
 
 
 # ---- on a GPU ------------------------------------------------------------------------------------------
 
 # (rows, vocab, dtype, fused, case, the layout and splits they get on an H100): every launch path
-W, B, C, CL = (_native_cuda.WARP_PER_ROW, _native_cuda.BLOCK_PER_ROW, _native_cuda.BLOCK_PER_ROW_CACHED,
-                _native_cuda.CLUSTER_ROW_CACHED)
+W, B, C, CL = (W, B, C,
+                CL)
 LAYOUT_CASES = {
     "warp_per_row": (600, 1000, torch.float32, False, {}, (W, 1)),
     "warp_per_row_fused_general": (600, 999, torch.bfloat16, True, dict(label_smoothing=0.1, weight=True), (W, 1)),
@@ -220,18 +234,34 @@ LAYOUT_CASES = {
 }
 
 
-def plan_case(name, device=H100):
+def plan_case(name, device=None):
     """(layout, splits) a device gets for LAYOUT_CASES[name]."""
     rows, vocab, dtype, fused, case, _ = LAYOUT_CASES[name]
     general = any(k in case for k in ("weight", "soft", "label_smoothing", "softcap"))
-    p = plan(rows, vocab, torch.empty((), dtype=dtype).element_size(), fused=fused, general=general,
-             soft="soft" in case, device=device)
+    p = cuda_backend.plan(rows, vocab, dtype, H100 if device is None else device, fused=fused, general=general,
+                          soft="soft" in case)
     return p.layout, p.splits
 
 
 @pytest.mark.parametrize("name", list(LAYOUT_CASES))
 def test_layout_cases_reach_their_layout_on_an_h100(name):
     assert plan_case(name) == LAYOUT_CASES[name][-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without a GPU the launch checks are all a forward runs")
+@pytest.mark.parametrize("name", list(LAYOUT_CASES))
+def test_every_plan_passes_the_launch_checks(name):
+    """The planner and check_launch share their rules (params.h): what one plans, the other runs (here
+    the forward gets past its checks to the first CUDA call, which fails without a driver)."""
+    rows, vocab, dtype, fused, case, _ = LAYOUT_CASES[name]
+    soft = "soft" in case
+    a = args(rows=rows, vocab=vocab, logits_row_stride=vocab, dtype=cuda_backend.DTYPE_CODES[dtype],
+             target_is_prob=soft, target_row_stride=vocab if soft else 0,
+             weight=(6 << 20) if "weight" in case else 0, label_smoothing=case.get("label_smoothing", 0.0),
+             softcap=case.get("softcap", 0.0), **(dict(grad_loss=4 << 20, dlogits=5 << 20) if fused else {}))
+    launch = native.plan(*a, fused, H100)
+    with pytest.raises(RuntimeError, match="cudaGetDevice failed"):
+        native.forward(*a, launch, 0, 0, 7 << 20, 8 << 20 if native.workspace_floats(rows, launch) else 0)
 
 
 def _inputs(rows, vocab, dtype, case):
@@ -248,7 +278,7 @@ def _inputs(rows, vocab, dtype, case):
 
 def _skip_unless_planned_here(name):
     """The GPU tests below are about one layout each: skip where this GPU would plan another."""
-    here, expected = plan_case(name, _native_cuda.device_info(torch.cuda.current_device())), LAYOUT_CASES[name][-1]
+    here, expected = plan_case(name, native.device_info(torch.cuda.current_device())), LAYOUT_CASES[name][-1]
     if here != expected:
         pytest.skip(f"{torch.cuda.get_device_name()} plans layout and splits {here} for this case, not {expected}")
 
@@ -259,8 +289,12 @@ def _skip_unless_planned_here(name):
 def test_every_layout_matches_float64(name, rows_in_flight, monkeypatch):
     _skip_unless_planned_here(name)
     if rows_in_flight:  # a grid of 3 blocks along the rows: every block loops over many rows
-        planned = _native_cuda.plan
-        monkeypatch.setattr(_native_cuda, "plan", lambda *a, **k: planned(*a, **k)._replace(blocks=rows_in_flight))
+        planned = native.plan
+
+        def fewer_blocks(*a):
+            p = planned(*a)
+            return native.Launch(p.layout, p.threads, rows_in_flight, p.splits, p.vectorized)
+        monkeypatch.setattr(native, "plan", fewer_blocks)
     rows, vocab, dtype, fused, case, _ = LAYOUT_CASES[name]
     logits, target, weight, options = _inputs(rows, vocab, dtype, case)
     x = logits.clone().requires_grad_()
@@ -294,7 +328,7 @@ def test_logits_offset_from_their_gradient_take_the_scalar_path(fused):
     """Logits 1 element into their storage: they and a fresh gradient differ in 16-byte alignment."""
     base = torch.randn(512, 4097, device="cuda", requires_grad=True)
     logits = base[:, 1:]
-    assert not _native_cuda._same_phase(logits, torch.empty(logits.shape, device="cuda"))
+    assert (logits.data_ptr() - torch.empty(logits.shape, device="cuda").data_ptr()) % 16 != 0
     target = torch.randint(0, 4096, (512,), device="cuda")
     fusedce.cross_entropy(logits, target, fused=fused, backend="cuda").backward()
     x64 = to64(logits).requires_grad_()

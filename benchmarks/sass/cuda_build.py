@@ -38,10 +38,10 @@ def compile_cubin(dtype: str, out_dir: str) -> str:
 
 def planned_launch(shape: Shape, mode: str, variant: str):
     """The CUDA planner's launch for a call on an H200: the one place the audit asks the planner."""
-    from fusedce.backends import cuda as native
-    h200 = native.Device(sms=132, threads_per_sm=2048, l2_bytes=60 << 20, clusters=True, regs_per_sm=65536)
-    return native.plan(shape.rows, shape.vocab, shape.element_size, h200, fused=mode == "fused",
-                       general=is_general(variant), soft=bool(VARIANTS[variant].get("soft")), vectorized=True)
+    from fusedce.backends import cuda
+    h200 = cuda._cuda.DeviceInfo(sms=132, threads_per_sm=2048, l2_bytes=60 << 20, clusters=True, regs_per_sm=65536)
+    return cuda.plan(shape.rows, shape.vocab, shape.torch_dtype, h200, fused=mode == "fused", general=is_general(variant),
+                     soft=bool(VARIANTS[variant].get("soft")))
 
 
 # enum Layout in csrc/cuda/params.h and enum Pass in csrc/cuda/kernels.cuh
@@ -101,7 +101,7 @@ def analyse(cubins: Cubins, shape: Shape, mode: str, variant: str) -> List[dict]
             # element per iteration and source line
             elements_per_iteration=lambda body: (vec * sum(map(count.is_16_byte_load, body)) or max(
                 count.loads_per_line(body), 1))))
-        result["launch"] = plan._asdict()
+        result["launch"] = {k: getattr(plan, k) for k in ("layout", "threads", "blocks", "splits", "vectorized")}
         out.append(result)
     return out
 

@@ -31,22 +31,12 @@ namespace fusedce {
 namespace cuda {
 
 constexpr float kLowest = -3.4028234663852886e38f;  // finite, so (-inf) - m is -inf, never NaN
-constexpr int kStateFloats = 5;                      // a State in the split-row workspace
-// cached_row_kernel: 16-byte packs per thread, and threads per block (__launch_bounds__: 128 registers a
-// thread), 128 KiB per block. 16 packs rather than 8 at 1024 threads: twice the elements a thread, so the
-// per-row work (merging the states, the loss) weighs half as much per element, and the cache does not spill.
-constexpr int kCachePacks = 16;
-constexpr int kCachedThreads = 512;
-constexpr int kMaxCluster = 8;  // blocks per cluster: the portable limit (more needs an opt-in per kernel)
-
-// Segment `part` of a row cut into `parts` (blocks of a split row or of a cluster): [c0, c1). Segments
-// are a multiple of 8 elements long, so each keeps its row's 16-byte phase.
+// Segment `part` of a row cut into `parts` (blocks of a split row or of a cluster): [c0, c1).
 struct Segment {
   int c0, c1;
-  __host__ __device__ static int length(int vocab, int parts) { return ((vocab + parts - 1) / parts + 7) / 8 * 8; }
   __device__ Segment(int vocab, int parts, int part) {
-    c0 = min(vocab, part * length(vocab, parts));
-    c1 = min(vocab, c0 + length(vocab, parts));
+    c0 = min(vocab, part * segment_length(vocab, parts));
+    c1 = min(vocab, c0 + segment_length(vocab, parts));
   }
 };
 
@@ -803,6 +793,30 @@ cudaError_t cluster_code_runs(bool* runs) {
   return status;
 }
 
+// Registers a thread of the 16-byte row kernels (the most of their variants: every layout and mode that
+// plan() picks for 16-byte rows) and of the cached layouts' kernel use, as the runtime reports them for the
+// current device's code; plan() counts the blocks an SM holds with them.
+template <typename T>
+cudaError_t kernel_registers(int* row, int* cached) {
+  constexpr int kVec = 16 / sizeof(T);
+  const void* rows[] = {
+      reinterpret_cast<const void*>(row_kernel<T, kVec, 0, false, kForward>),
+      reinterpret_cast<const void*>(row_kernel<T, kVec, 0, false, kBackward>),
+      reinterpret_cast<const void*>(row_kernel<T, kVec, 0, false, kForward | kBackward>),
+      reinterpret_cast<const void*>(row_kernel<T, kVec, 0, true, kForward | kBackward>),
+      reinterpret_cast<const void*>(row_kernel<T, kVec, 32, false, kForward | kBackward>),
+      reinterpret_cast<const void*>(row_kernel<T, kVec, 32, true, kForward | kBackward>)};
+  cudaFuncAttributes attributes;
+  *row = 0;
+  for (const void* kernel : rows) {
+    if (const cudaError_t status = cudaFuncGetAttributes(&attributes, kernel)) return status;
+    *row = std::max(*row, attributes.numRegs);
+  }
+  const cudaError_t status = cudaFuncGetAttributes(&attributes, cached_row_kernel<T, false, kCachePacks, false>);
+  *cached = attributes.numRegs;
+  return status;
+}
+
 template <typename T>
 void launch_finalize(const Params& p, int splits, cudaStream_t stream, bool general) {
   constexpr int kThreads = 256, kRowsPerBlock = kThreads / 32;
@@ -828,6 +842,7 @@ void launch_scale(void* grad, int64_t rows, int64_t vocab, int64_t row_stride, c
   prefix template void launch_rows<T>(const Params&, const Launch&, int, cudaStream_t, bool);             \
   prefix template void launch_finalize<T>(const Params&, int, cudaStream_t, bool);                        \
   prefix template cudaError_t cluster_code_runs<T>(bool*);                                                 \
+  prefix template cudaError_t kernel_registers<T>(int*, int*);                                             \
   prefix template void launch_scale<T>(void*, int64_t, int64_t, int64_t, const float*, cudaStream_t);
 #define FUSEDCE_INSTANTIATE(T) FUSEDCE_TEMPLATES(, T)
 #define FUSEDCE_DECLARE(T) FUSEDCE_TEMPLATES(extern, T)

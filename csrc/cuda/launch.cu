@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <atomic>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 
@@ -45,11 +46,6 @@ class DeviceGuard {
   int previous_ = -1;
 };
 
-void check_dtype(int dtype) {
-  if (dtype != kFloat32 && dtype != kFloat16 && dtype != kBFloat16)
-    throw std::invalid_argument("fusedce CUDA kernels: unsupported dtype code " + std::to_string(dtype));
-}
-
 template <typename Fn>
 void by_dtype(int dtype, Fn&& fn) {
   check_dtype(dtype);
@@ -58,44 +54,6 @@ void by_dtype(int dtype, Fn&& fn) {
     case kBFloat16: return fn(__nv_bfloat16());
     default: return fn(float());
   }
-}
-
-// The kernels without the code of the rarer options serve the common case (see RowMath).
-bool is_general(const Params& p) {
-  return p.target_prob != nullptr || p.weight != nullptr || p.label_smoothing > 0 || p.softcap > 0;
-}
-
-void check_launch(const Params& p, const Launch& l, bool forward, bool fused) {
-  check_dtype(p.dtype);
-  if (p.target_prob) check_dtype(p.target_dtype);
-  // 32-bit column indices, with room for a grid's worth of threads past the end
-  if (p.vocab >= (int64_t(1) << 30))
-    throw std::invalid_argument("fusedce CUDA kernels: " + std::to_string(p.vocab) +
-                                " classes; at most 2^30 - 1 are supported");
-  const bool threads_ok = l.threads >= 32 && l.threads <= 1024 && l.threads % 32 == 0;
-  // the cached layouts: the common case, 16-byte packs, and each block's segment within its registers
-  const bool cached = l.layout == kBlockPerRowCached || l.layout == kClusterRowCached;
-  const bool cached_ok = fused && !is_general(p) && l.vectorized && l.splits >= 1 &&
-                         l.threads <= kCachedThreads && Segment::length(int(p.vocab), l.splits) <=
-                             int64_t(kCachePacks) * l.threads * (16 / element_size(p.dtype));
-  const bool layout_ok = l.layout == kWarpPerRow || l.layout == kBlockPerRow || (cached && cached_ok);
-  // the forward merges the segments' states in the workspace; the backward's segments are independent
-  const bool splits_ok = l.splits == 1 ||
-                         (l.layout == kBlockPerRow && l.splits > 1 && l.splits <= 65535 &&
-                          (p.workspace || !forward) && p.target_prob == nullptr) ||
-                         (l.layout == kClusterRowCached && l.splits > 1 && l.splits <= kMaxCluster);
-  // 16-byte packs of a row of logits and of dlogits must start at the same offset from a 16-byte boundary
-  const int64_t es = element_size(p.dtype);
-  const bool packs_ok = !l.vectorized || p.dlogits == nullptr ||
-                        ((reinterpret_cast<uintptr_t>(p.logits) - reinterpret_cast<uintptr_t>(p.dlogits)) % 16 == 0 &&
-                         (p.rows <= 1 || (p.logits_row_stride - p.dlogits_row_stride) * es % 16 == 0));
-  if (!packs_ok)
-    throw std::invalid_argument("fusedce CUDA kernels: vectorized launch with logits and dlogits rows at different "
-                                "offsets from a 16-byte boundary");
-  if (!threads_ok || !layout_ok || !splits_ok || l.blocks < 1 || l.blocks > 0x7fffffff)
-    throw std::invalid_argument("fusedce CUDA kernels: invalid launch (layout " + std::to_string(l.layout) +
-                                ", threads " + std::to_string(l.threads) + ", blocks " + std::to_string(l.blocks) +
-                                ", splits " + std::to_string(l.splits) + ")");
 }
 
 // Whether kClusterRowCached can run on `device` (the current one): cluster launches, and cluster code
@@ -161,8 +119,10 @@ void scale(void* grad, int dtype, int64_t rows, int64_t vocab, int64_t row_strid
   check(cudaGetLastError(), "launching the gradient scale kernel");
 }
 
-DeviceInfo device_info(int device) {
-  DeviceInfo info{};
+namespace {
+
+DeviceInfo query_device(int device) {
+  DeviceInfo info;
   int l2 = 0;
   check(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   check(cudaDeviceGetAttribute(&info.threads_per_sm, cudaDevAttrMaxThreadsPerMultiProcessor, device),
@@ -173,7 +133,24 @@ DeviceInfo device_info(int device) {
   info.l2_bytes = l2;
   DeviceGuard guard(device);  // a kernel's attributes are those of the code loaded for the current device
   info.clusters = clusters_run(device);
+  check(kernel_registers<float>(&info.row_registers[kFloat32], &info.cached_registers[kFloat32]),
+        "cudaFuncGetAttributes");
+  check(kernel_registers<__half>(&info.row_registers[kFloat16], &info.cached_registers[kFloat16]),
+        "cudaFuncGetAttributes");
+  check(kernel_registers<__nv_bfloat16>(&info.row_registers[kBFloat16], &info.cached_registers[kBFloat16]),
+        "cudaFuncGetAttributes");
   return info;
+}
+
+}  // namespace
+
+const DeviceInfo& device_info(int device) {
+  constexpr int kDevices = 64;
+  static std::once_flag once[kDevices];
+  static DeviceInfo info[kDevices];
+  if (device < 0 || device >= kDevices) throw std::invalid_argument("fusedce CUDA kernels: device index out of range");
+  std::call_once(once[device], [&] { info[device] = query_device(device); });  // an exception: asked again next time
+  return info[device];
 }
 
 }  // namespace cuda

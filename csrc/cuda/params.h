@@ -30,7 +30,14 @@ struct Params {
   float label_smoothing = 0, z_loss = 0, softcap = 0;  // softcap 0 = off
 };
 
-// How the rows are spread over the GPU; chosen by python/fusedce/backends/cuda.py (see there why).
+// Host and device: the launch rules below are planned on the host (plan.cpp) and obeyed by the kernels.
+#ifdef __CUDACC__
+#define FUSEDCE_HOST_DEVICE __host__ __device__
+#else
+#define FUSEDCE_HOST_DEVICE
+#endif
+
+// How the rows are spread over the GPU; chosen by plan() (plan.cpp, which says why).
 enum Layout : int {
   kWarpPerRow = 0,          // short rows: a warp per row, several rows per block
   kBlockPerRow = 1,         // long rows: a block per row (or per segment of a row, with splits > 1)
@@ -38,6 +45,24 @@ enum Layout : int {
   kClusterRowCached = 3,    // fused mode, longer rows in the registers of a thread-block cluster (sm_90+):
                             // one segment per block, states merged through distributed shared memory
 };
+
+// The launch rules, written once: the planner picks layouts by them, check_launch() enforces them, the
+// kernels are built for them, and fusedce._cuda exports them to Python (its tests).
+constexpr int kWarpRowMaxBytes = 4096;  // up to here a warp per row: a block per row would leave most threads idle
+constexpr int kBlockMaxThreads = 512;   // uncached rows: two or more blocks per SM overlap one's reduction with
+                                        // another's loads
+constexpr int kSegmentMinBytes = 16384;  // a split row's segments stay long enough to stream
+// cached_row_kernel: 16-byte packs per thread, and threads per block (__launch_bounds__: 128 registers a
+// thread), 128 KiB per block. 16 packs rather than 8 at 1024 threads: twice the elements a thread, so the
+// per-row work (merging the states, the loss) weighs half as much per element, and the cache does not spill.
+constexpr int kCachePacks = 16;
+constexpr int kCachedThreads = 512;
+constexpr int kMaxCluster = 8;  // blocks per cluster: the portable limit (more needs an opt-in per kernel)
+constexpr int kStateFloats = 5;  // a softmax state (State in kernels.cuh) in the split-row workspace
+
+// Elements per segment of a row cut into `parts` (blocks of a split row or of a cluster): a multiple of 8
+// elements, so each segment keeps its row's 16-byte phase.
+FUSEDCE_HOST_DEVICE inline int segment_length(int vocab, int parts) { return ((vocab + parts - 1) / parts + 7) / 8 * 8; }
 
 struct Launch {
   int layout = kBlockPerRow;
@@ -59,13 +84,33 @@ void scale(void* grad, int dtype, int64_t rows, int64_t vocab, int64_t row_strid
            uintptr_t stream);
 // What launch planning needs of a device; no sync, safe under graph capture.
 struct DeviceInfo {
-  int sms;
-  int threads_per_sm;  // resident threads per SM: 2048 on sm_80/90/100, 1536 on sm_86/89/120
-  int regs_per_sm;     // 32-bit registers per SM: 65536 on sm_80 to sm_120
-  int64_t l2_bytes;
-  bool clusters;       // kClusterRowCached can run: an sm_90+ device, and cluster code built for it
+  int sms = 0;
+  int threads_per_sm = 0;  // resident threads per SM: 2048 on sm_80/90/100, 1536 on sm_86/89/120
+  int regs_per_sm = 0;     // 32-bit registers per SM: 65536 on sm_80 to sm_120
+  int64_t l2_bytes = 0;
+  bool clusters = false;   // kClusterRowCached can run: an sm_90+ device, and cluster code built for it
+  // registers a thread of the kernels use, as the CUDA runtime reports them for this device's code, by
+  // dtype code (kFloat32, kFloat16, kBFloat16): the 16-byte row kernels (the most of their variants) and
+  // the cached layouts' kernel
+  int row_registers[3] = {64, 64, 64};
+  int cached_registers[3] = {128, 128, 128};
 };
-DeviceInfo device_info(int device);
+// Queried once per device, then cached.
+const DeviceInfo& device_info(int device);
+
+// The kernels without the code of the rarer options serve the common case (see RowMath in kernels.cuh).
+bool is_general(const Params& p);
+// Whether every row of logits and dlogits starts at the same offset from a 16-byte boundary: the
+// 16-byte kernels need it.
+bool same_phase(const Params& p);
+// The launch for p (fused: the forward also writes the gradient) on a device; see plan.cpp.
+Launch plan(const Params& p, bool fused, const DeviceInfo& device);
+// Floats of split-row workspace a forward with this launch needs (0: none).
+int64_t workspace_floats(const Params& p, const Launch& l);
+// Raises std::invalid_argument for a dtype code the kernels do not take (float32, float16, bfloat16).
+void check_dtype(int dtype);
+// Raises std::invalid_argument for a launch the kernels cannot run; called by forward() and backward().
+void check_launch(const Params& p, const Launch& l, bool forward, bool fused);
 
 }  // namespace cuda
 }  // namespace fusedce
