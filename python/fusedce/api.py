@@ -101,8 +101,9 @@ def _without_classes(input, target, weight, call: Call, return_lse: bool):
     if return_lse or call.options.z_loss or call.options.softcap:
         raise InvalidArgument(f"return_lse, z_loss and softcap need at least one class, got input of shape "
                               f"{tuple(input.shape)}")
-    return torch.nn.functional.cross_entropy(input, target, weight, ignore_index=call.options.ignore_index,
+    loss = torch.nn.functional.cross_entropy(input, target, weight, ignore_index=call.options.ignore_index,
                                              reduction=call.reduction, label_smoothing=call.options.label_smoothing)
+    return loss.to(call.out_dtype)
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
