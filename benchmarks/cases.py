@@ -78,7 +78,7 @@ class CrossEntropySuite:
 
     @classmethod
     def throughput(cls, op, shape, dtype, ms) -> float:
-        """Effective GB/s: the minimal bytes of the op (DESIGN.md's traffic model) over the time."""
+        """Effective GB/s: the minimal bytes of the op (the README's traffic table) over the time."""
         return providers.TRAFFIC[op] * cls.logits_bytes(shape, dtype) / (ms * 1e-3) / 1e9
 
     @staticmethod

@@ -18,7 +18,7 @@ import fusedce
 from fusedce import backends
 
 OPS = ("fwd", "bwd", "fwd+bwd", "fused")
-# Minimal bytes each op must move, in units of S = rows x V x element size (DESIGN.md).
+# Minimal bytes each op must move, in units of S = rows x V x element size (the README's traffic table).
 TRAFFIC = {"fwd": 1, "bwd": 2, "fwd+bwd": 3, "fused": 2}
 
 
