@@ -53,6 +53,9 @@ def _sample(name, device, dtype):
     return _fresh(input), _fresh(target), kwargs
 
 
+INTERPRETED_ROWS = 32
+
+
 def _differentiable(input, target):
     return [t for t in (input, target) if t.requires_grad]
 
@@ -81,6 +84,10 @@ def test_gradcheck_and_gradgradcheck(backend, name):
 def test_float32_matches_torch_in_float64(backend, name):
     device = device_of(backend)
     input, target, kwargs = _sample(name, device, torch.float32)
+    rows = input.numel() // input.shape[1 if input.dim() > 1 else 0]
+    if backend == "triton" and device == "cpu" and rows > INTERPRETED_ROWS:
+        pytest.skip(f"{rows} rows: Triton's interpreter runs each row's program in Python (seconds each); the "
+                    f"spatial layouts are checked on it by test_parity.py::test_spatial_dims")
     x64, t64 = input.detach().double().requires_grad_(), target.detach()
     t64 = t64.double().requires_grad_(target.requires_grad) if target.is_floating_point() else t64
     w = kwargs.get("weight")
