@@ -16,12 +16,19 @@ import torch.autograd.forward_ad as _forward_ad
 from torch.nn import _reduction
 
 from . import ops
-from .arguments import Call, check_dtype, check_reduction, describe
+from .arguments import Call, check_dtype, check_reduction, describe, output_dtype
 from .autograd import CrossEntropyFunction, FusedCrossEntropyFunction
 from .errors import InvalidArgument
 from .options import Options
 
 _in_functorch_transform = torch._C._functorch.peek_interpreter_stack
+
+# Below this many logits (rows x classes), backend "auto" runs torch's own cross_entropy: a fused kernel
+# saves nothing on so little memory, and a Python autograd Function alone costs about what torch's whole
+# call does (on the 2-core CI machine, an empty Function's forward + backward took 99 us against
+# F.cross_entropy's 100 us at 32x10: no kernel could make up for it). The size comes from
+# `python -m benchmarks.overhead` (see the README).
+TORCH_BELOW_ELEMENTS = 1 << 16
 
 
 def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
@@ -53,6 +60,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
+    if (backend == "auto" and type(input) is torch.Tensor and input.numel() < TORCH_BELOW_ELEMENTS
+            and not (z_loss or softcap is not None or return_lse or inplace_backward or fused)):
+        return _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, dtype)
     call = describe(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, dtype)
     if call.logits.shape[-1] == 0:
         return _without_classes(input, target, weight, call, return_lse)
@@ -93,6 +103,27 @@ def _result(loss, lse, call: Call, return_lse: bool, kernels):
         loss = loss.sum() / kernels.mean_denominator(call.target, call.weight, call.options.ignore_index)
     loss = loss.to(call.out_dtype)
     return (loss, lse.reshape(call.batch_shape)) if return_lse else loss
+
+
+def _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, dtype):
+    """torch's own cross_entropy, with its results, errors and autograd, on small inputs. fp16 logits, and
+    logits narrower than a dtype asked for, are widened to float32 first (cheap at this size): torch sums
+    fp16 log-probabilities in fp16, and a wider result must not carry the narrower rounding."""
+    if dtype is not None:
+        check_dtype(dtype)
+    original = input
+    if input.is_floating_point() and (input.dtype == torch.float16 or (
+            dtype is not None and dtype.itemsize > input.dtype.itemsize)):
+        input = input.to(torch.float32 if dtype is None or dtype.itemsize <= 4 else dtype)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.dtype != input.dtype:
+        weight = weight.to(input.dtype)  # fusedce takes any floating weight; torch wants the input's dtype
+    if isinstance(target, torch.Tensor) and target.dtype in (torch.int8, torch.int16, torch.int32):
+        target = target.long()  # fusedce takes any integer class index; torch wants int64 or uint8
+    loss = torch.nn.functional.cross_entropy(input, target, weight, ignore_index=ignore_index, reduction=reduction,
+                                             label_smoothing=label_smoothing)
+    if dtype is None and input is not original:
+        dtype = output_dtype(original, target)
+    return loss if dtype is None else loss.to(dtype)
 
 
 def _without_classes(input, target, weight, call: Call, return_lse: bool):

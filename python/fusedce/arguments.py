@@ -60,8 +60,11 @@ def check_target(shape: torch.Size, device: torch.device, target, ignore_index: 
     if target.dtype == torch.bool or target.is_complex():
         raise UnsupportedDType(f"target must hold integer class indices or floating class probabilities, "
                                f"got {target.dtype}")
+    tshape = target.shape
+    if len(shape) == 2 and len(tshape) == 1 and tshape[0] == shape[0]:  # the common case, cheaply
+        return
     expected = shape[:1] + shape[2:] if len(shape) > 1 else ()
-    if target.shape != expected:
+    if tshape != expected:
         if len(shape) > 1 and target.dim() >= 1 and target.shape[0] != shape[0]:  # torch: ValueError
             raise InvalidArgument(f"Expected input batch_size ({shape[0]}) to match target batch_size "
                                   f"({target.shape[0]})")
@@ -70,8 +73,6 @@ def check_target(shape: torch.Size, device: torch.device, target, ignore_index: 
 
 
 def check_weight(weight, classes: int, device: torch.device) -> None:
-    if weight is None:
-        return
     if not isinstance(weight, torch.Tensor):
         raise TypeError(f"weight must be a torch.Tensor or None, got {type(weight).__name__}")
     if weight.dim() != 1 or weight.shape[0] != classes:
@@ -93,7 +94,7 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(0)
     elif x.dim() > 2:
         x = x.movedim(1, -1).reshape(-1, x.shape[1])
-    return x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
+    return x if x.is_contiguous() or x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
 
 
 def check_dtype(dtype) -> None:
@@ -113,27 +114,28 @@ def output_dtype(input: torch.Tensor, target: torch.Tensor) -> torch.dtype:
 
 def describe(input, target, weight, ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
              softcap: Optional[float], backend: str, dtype: Optional[torch.dtype] = None) -> Call:
+    """Every call runs this: the common case (2-D logits, 1-D int64 targets, no weight) stays cheap."""
     check_reduction(reduction)
     options = Options.checked(ignore_index, label_smoothing, z_loss, softcap)
-    check_dtype(dtype)
+    if dtype is not None:
+        check_dtype(dtype)
     check_logits(input)
     device = input.device
     shape = input.shape
     check_target(shape, device, target, ignore_index)
-    classes = shape[1] if len(shape) > 1 else shape[0]
-    check_weight(weight, classes, device)
-    soft = target.is_floating_point()
-    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
-    if soft:
+    if weight is not None:
+        check_weight(weight, shape[1] if len(shape) > 1 else shape[0], device)
+        acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+        if weight.dtype != acc or not weight.is_contiguous():
+            weight = weight.to(acc).contiguous()
+    if target.is_floating_point():
         batch_shape = target.shape[:1] + target.shape[2:] if target.dim() > 1 else ()
         rows_target = _rows(target)
     else:
         batch_shape = target.shape
-        rows_target = target.reshape(-1)
+        rows_target = target if target.dim() == 1 else target.reshape(-1)
         if rows_target.dtype != torch.int64:
             rows_target = rows_target.to(torch.int64)
         rows_target = rows_target.contiguous()
-    if weight is not None and (weight.dtype != acc or not weight.is_contiguous()):
-        weight = weight.to(acc).contiguous()
     return Call(_rows(input), rows_target, weight, options, reduction, backends.resolve(backend, device, input.dtype),
                 batch_shape, dtype or output_dtype(input, target))

@@ -175,8 +175,9 @@ class FusedCrossEntropyFunction(torch.autograd.Function):
         if inplace:
             _check_inplace_allowed(logits)
             dlogits = logits
-        else:
-            dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        else:  # dense, as the kernels write it (empty_like is the cheapest allocation on small inputs)
+            dlogits = torch.empty_like(logits) if logits.is_contiguous() else torch.empty(
+                logits.shape, dtype=logits.dtype, device=logits.device)
         loss = backend.reduced(logits, target, weight, options, reduction, out_dtype, dlogits)
         if inplace:
             torch.autograd.graph.increment_version(logits)

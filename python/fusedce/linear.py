@@ -222,7 +222,8 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     options = Options.checked(ignore_index, label_smoothing, z_loss, softcap)
     check_dtype(dtype)
     _check_linear(input, weight, bias, target, ignore_index)
-    check_weight(class_weight, weight.shape[0], input.device)
+    if class_weight is not None:
+        check_weight(class_weight, weight.shape[0], input.device)
     if chunk_size is not None and chunk_size < 1:
         raise InvalidArgument(f"chunk_size must be a positive number of tokens, got {chunk_size}")
     if target.requires_grad:

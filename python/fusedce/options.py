@@ -34,3 +34,10 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 def softcapped(x: torch.Tensor, softcap: float) -> torch.Tensor:
     """x -> softcap * tanh(x / softcap); softcap 0 means off."""
     return softcap * torch.tanh(x / softcap) if softcap > 0 else x
+
+
+class Shard(NamedTuple):
+    """A slice of the classes, as one rank of a vocabulary-parallel group holds it: the logits' columns
+    are the global classes [start, start + local columns) of `classes` in all."""
+    start: int
+    classes: int

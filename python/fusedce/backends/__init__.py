@@ -13,6 +13,20 @@ dtype (fp32, fp64 for fp64 logits):
       the "sum" or "mean" loss; with dlogits also its gradient (the fused mode)
   mean_denominator(target, weight, ignore_index)   torch's "mean" divisor (a number or a 0-d tensor)
   scale_(grad, scale)   grad *= scale (0-d tensor), skipped when scale is 1, without a host sync
+
+Vocabulary-parallel pieces (fusedce.distributed), on one rank's shard [rows, V_local] of the logits, the
+global classes [shard.start, shard.start + V_local) of shard.classes = V (options.Shard). With x' the
+softcapped logit and c_j the target mass of column j without the (1 - eps) w_t [j == t] term of a class
+index t (c_j = eps / V * w_j for class indices; ((1 - eps) p_j + eps / V) * w_j for this shard's
+probabilities p; w = 1 without a class weight, the weight being this shard's V_local entries):
+  shard_states(logits, target, weight, opts, shard) -> [rows, 4] (accumulation dtype) of
+      m = max_j x'_j,  s = sum_j exp(x'_j - m),  cx = sum_j c_j (x'_j - m),  k = sum_j c_j
+      class-index targets are not read (c_j does not depend on them); probabilities are [rows, V_local]
+  shard_backward(grad_loss, logits, target, weight, lse, k, opts, shard, out=None) -> dlogits
+      this shard's gradient of sum(grad_loss * loss) from the global lse [rows] and the global target
+      mass k [rows] (sum over all classes of c_j, plus (1 - eps) w_t for a class index):
+      d_j = g ((k + 2 z lse) exp(x'_j - lse) - c_j - (1 - eps) w_t [shard.start + j == t]) * dx'/dx
+      with global class ids t; a t on another rank adds no term here and is no error; ignored rows 0
 """
 from __future__ import annotations
 
@@ -31,14 +45,18 @@ BACKENDS = ("auto", "cpu", "cuda", "triton", "torch")
 class Backend:
     """What every backend shares: the reduction of the per-row losses with tensor ops (the CPU backend
     reduces inside its kernel instead). Subclasses set `name` and implement unavailable(), forward,
-    backward_into and scale_."""
+    backward_into, scale_, shard_states and shard_backward_into."""
 
     name = ""
 
     def backward(self, grad_loss, logits, target, weight, lse, opts, out=None):
-        if out is None:
-            out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        out = _gradient_buffer(logits) if out is None else out
         self.backward_into(grad_loss, logits, target, weight, lse, opts, out)
+        return out
+
+    def shard_backward(self, grad_loss, logits, target, weight, lse, k, opts, shard, out=None):
+        out = _gradient_buffer(logits) if out is None else out
+        self.shard_backward_into(grad_loss, logits, target, weight, lse, k, opts, shard, out)
         return out
 
     def unavailable(self, device: torch.device) -> Optional[str]:
@@ -67,6 +85,10 @@ class Backend:
             loss, _ = self.forward(logits, target, weight, opts, grad_loss, dlogits)
         total = loss.sum()
         return (total if denominator is None else total / denominator).to(out_dtype)
+
+
+def _gradient_buffer(logits: torch.Tensor) -> torch.Tensor:
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def check_target_range(target: torch.Tensor, classes: int, ignore_index: int) -> None:
@@ -109,9 +131,9 @@ def _unavailable(name: str, device: torch.device) -> Optional[str]:
 def resolve(name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> Backend:
     """The Backend that serves the user's choice `name` for tensors of `device` and `dtype`, or raises.
     float64 logits are served by the "cpu" and "torch" backends only. Cached: the answer depends only on
-    (name, device type, dtype) and on what is installed. Not stored while torch.compile traces: a
+    (name, device, dtype) and on what is installed. Not stored while torch.compile traces: a
     graph that mutates the cache would be traced again on its next call."""
-    key = (name, device.type, dtype)
+    key = (name, device, dtype)  # the device itself: its .type costs as much as the lookup
     backend = _resolved.get(key)
     if backend is None:
         backend = _resolve(name, device, dtype)
