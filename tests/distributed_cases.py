@@ -1,0 +1,182 @@
+"""The grid of vocabulary-parallel cases that tests/test_distributed.py runs inside each spawned world
+(one spawn per world size): every rank builds the same full problem from a seed, takes its shard,
+and checks the vocab-parallel loss, lse and its shard's gradient against float64 on the gathered
+logits. Each case's outcome (ok, or the traceback) is written per rank to a JSON file."""
+from __future__ import annotations
+
+import json
+import os
+import traceback
+
+import torch
+import torch.distributed as dist
+
+# V = 1000 split unevenly; the world of 4 has a rank with a single class
+SPLITS = {1: [1000], 2: [333, 667], 3: [333, 333, 334], 4: [1, 333, 333, 333]}
+TINY_SPLITS = {1: [13], 2: [6, 7], 3: [4, 4, 5], 4: [1, 4, 4, 4]}  # Triton's interpreter: tiny shapes
+ROWS, TINY_ROWS = 24, 6
+
+OPTIONS = {
+    "plain": {},
+    "weight": dict(weight=True),
+    "smoothing": dict(label_smoothing=0.1),
+    "smoothing_weight": dict(label_smoothing=0.1, weight=True),
+    "z_loss": dict(z_loss=1e-2),
+    "softcap": dict(softcap=5.0),
+    "all_options": dict(weight=True, label_smoothing=0.2, z_loss=1e-2, softcap=5.0),
+    "probs": dict(soft=True),
+    "probs_smoothing_weight": dict(soft=True, label_smoothing=0.2, weight=True),
+    "all_ignored": dict(all_ignored=True),
+    "all_ignored_weight": dict(all_ignored=True, weight=True),
+}
+
+
+def backends_to_run():
+    """The backends whose shard primitives exist here (the compiled ones once they implement them)."""
+    from fusedce import backends
+    names = []
+    for name in ("torch", "cpu", "triton"):
+        try:
+            b = backends.resolve(name, torch.device("cpu"))
+        except RuntimeError:
+            continue
+        if callable(getattr(b, "shard_states", None)):
+            names.append(name)
+    return names
+
+
+def loss_cases(backend_names):
+    """(id, spec) of every loss case, the same list in the parent and in each rank."""
+    out = []
+    for backend in backend_names:
+        tiny = backend == "triton"
+        for option, spec in OPTIONS.items():
+            if tiny and option not in ("plain", "all_options", "probs_smoothing_weight"):
+                continue
+            for reduction in ("mean", "sum", "none"):
+                for dtype in ("float32", "bfloat16"):
+                    for fused in ((None, False) if reduction != "none" else (False,)):
+                        if tiny and (dtype == "bfloat16" or fused is False and reduction != "none"):
+                            continue
+                        case = dict(spec, backend=backend, reduction=reduction, dtype=dtype, fused=fused, tiny=tiny)
+                        out.append((f"{backend}-{option}-{reduction}-{dtype}-{'auto' if fused is None else 'unfused'}",
+                                    case))
+    return out
+
+
+def _targets(rows, sizes, generator, spec):
+    """Class indices with targets on every shard boundary (a shard's first and last class) and ignored rows."""
+    classes = sum(sizes)
+    target = torch.randint(0, classes, (rows,), generator=generator)
+    bounds = []
+    start = 0
+    for size in sizes:
+        bounds += [start, start + size - 1]
+        start += size
+    target[:len(bounds)] = torch.tensor(bounds[:rows])
+    target[-1] = -100
+    if spec.get("all_ignored"):
+        target[:] = -100
+    return target
+
+
+def problem(world, spec, seed=0):
+    """The full problem: logits [rows, V] (rounded to the dtype), target, weight [V] or None, sizes."""
+    sizes = (TINY_SPLITS if spec.get("tiny") else SPLITS)[world]
+    rows = TINY_ROWS if spec.get("tiny") else ROWS
+    g = torch.Generator().manual_seed(seed)
+    classes = sum(sizes)
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    logits = (3 * torch.randn(rows, classes, generator=g)).to(dtype)
+    if spec.get("soft"):
+        target = torch.softmax(2 * torch.randn(rows, classes, generator=g), 1)
+    else:
+        target = _targets(rows, sizes, g, spec)
+    weight = torch.rand(classes, generator=g) + 0.5 if spec.get("weight") else None
+    return logits, target, weight, sizes
+
+
+def shard_of(t, sizes, rank, dim=-1):
+    start = sum(sizes[:rank])
+    return t.narrow(dim, start, sizes[rank])
+
+
+def check_loss_case(rank, world, spec):
+    import fusedce.distributed as fd
+    from reference import assert_close, reference_loss, to64
+    logits, target, weight, sizes = problem(world, spec)
+    options = dict(label_smoothing=spec.get("label_smoothing", 0.0), z_loss=spec.get("z_loss", 0.0),
+                   softcap=spec.get("softcap"))
+    soft = target.is_floating_point()
+    mine = shard_of(logits, sizes, rank).clone().requires_grad_()
+    args = (mine, shard_of(target, sizes, rank) if soft else target,
+            None if weight is None else shard_of(weight, sizes, rank))
+    kwargs = dict(reduction=spec["reduction"], backend=spec["backend"], **options)
+    if spec["fused"] is False:  # the per-row Function, with the lse
+        loss, lse = fd.vocab_parallel_cross_entropy(*args, fused=False, return_lse=True, **kwargs)
+    else:
+        loss, lse = fd.vocab_parallel_cross_entropy(*args, **kwargs), None
+    full = to64(logits).requires_grad_()
+    ref = reference_loss(full, to64(target), weight=to64(weight), reduction=spec["reduction"], **options)
+    expected = torch.promote_types(logits.dtype, target.dtype) if soft else logits.dtype  # torch's dtype
+    assert loss.dtype == expected and loss.shape == ref.shape, (loss.dtype, loss.shape, ref.shape)
+    assert_close(loss, ref, loss.dtype, scale=max(ref.abs().nan_to_num(0).max().item(), 1.0))
+    if lse is not None:
+        x = options["softcap"] * torch.tanh(full / options["softcap"]) if options["softcap"] else full
+        assert_close(lse, torch.logsumexp(x, 1).detach(), torch.float32, scale=20.0)
+    upstream = torch.rand(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    (got,) = torch.autograd.grad(loss, mine, upstream.to(loss.dtype))
+    (want,) = torch.autograd.grad(ref, full, upstream)
+    want = shard_of(want, sizes, rank)
+    assert_close(got, want, logits.dtype, scale=max(want.abs().nan_to_num(0).max().item(), 1e-30))
+
+
+def error_cases():
+    return ["weight_size_on_one_rank", "overlapping_vocab_start", "vocab_start_on_some_ranks",
+            "target_out_of_range", "targets_differ", "probs_shape_on_one_rank"]
+
+
+def check_error_case(rank, world, name):
+    """Every rank must raise; returns the exception's type name and message."""
+    import fusedce.distributed as fd
+    logits, target, weight, sizes = problem(world, {})
+    mine = shard_of(logits, sizes, rank)
+    kwargs = {}
+    if name == "weight_size_on_one_rank":
+        kwargs["weight"] = torch.ones(sizes[rank] + (rank == world - 1))
+    elif name == "overlapping_vocab_start":
+        kwargs["vocab_start"] = max(sum(sizes[:rank]) - 1, 0)
+    elif name == "vocab_start_on_some_ranks":
+        kwargs["vocab_start"] = sum(sizes[:rank]) if rank == 0 else None
+    elif name == "target_out_of_range":
+        target[3] = sum(sizes)
+    elif name == "targets_differ":
+        target[2] = (target[2] + rank) % sum(sizes)
+    elif name == "probs_shape_on_one_rank":
+        target = torch.softmax(torch.randn(logits.shape[0], sizes[rank] + (rank == 0)), 1)
+    try:
+        fd.vocab_parallel_cross_entropy(mine, target, backend="torch", **kwargs)
+    except Exception as e:  # noqa: BLE001  (the test compares what each rank raised)
+        return type(e).__name__, str(e)
+    return None, "no error"
+
+
+def run(rank, world, port, out_dir, case_ids):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    results = {}
+    try:
+        wanted = set(case_ids)
+        for case_id, spec in loss_cases(backends_to_run()):
+            if case_id in wanted:
+                try:
+                    check_loss_case(rank, world, spec)
+                    results[case_id] = "ok"
+                except Exception:  # noqa: BLE001  (reported by the parent's test of this case)
+                    results[case_id] = traceback.format_exc()
+        for name in error_cases():
+            results["error-" + name] = check_error_case(rank, world, name)
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(results, f)
+        dist.destroy_process_group()
