@@ -131,6 +131,50 @@ def check_loss_case(rank, world, spec):
     assert_close(got, want, logits.dtype, scale=max(want.abs().nan_to_num(0).max().item(), 1e-30))
 
 
+LINEAR_OPTIONS = {
+    "plain": {},
+    "smoothing_weight": dict(label_smoothing=0.1, weight=True),
+    "z_loss_softcap": dict(z_loss=1e-2, softcap=5.0),
+    "probs": dict(soft=True, label_smoothing=0.2),
+}
+
+
+def linear_cases():
+    return [(f"linear-{option}-{reduction}", dict(spec, reduction=reduction))
+            for option, spec in LINEAR_OPTIONS.items() for reduction in ("mean", "sum", "none")]
+
+
+def check_linear_case(rank, world, spec):
+    """Loss, grad_input, and this rank's grad_weight and grad_bias against float64 on the whole head."""
+    import fusedce.distributed as fd
+    from reference import assert_close, reference_loss, to64
+    _, target, class_weight, sizes = problem(world, spec)
+    g = torch.Generator().manual_seed(2)
+    tokens, hidden = target.shape[0], 16
+    x = torch.randn(tokens, hidden, generator=g)
+    w = torch.randn(sum(sizes), hidden, generator=g) / hidden ** 0.5
+    b = torch.randn(sum(sizes), generator=g)
+    options = dict(label_smoothing=spec.get("label_smoothing", 0.0), z_loss=spec.get("z_loss", 0.0),
+                   softcap=spec.get("softcap"))
+    soft = target.is_floating_point()
+    leaves = [x.clone().requires_grad_(), shard_of(w, sizes, rank, 0).clone().requires_grad_(),
+              shard_of(b, sizes, rank).clone().requires_grad_()]
+    loss = fd.vocab_parallel_linear_cross_entropy(
+        leaves[0], leaves[1], shard_of(target, sizes, rank) if soft else target, leaves[2], chunk_size=7,
+        class_weight=None if class_weight is None else shard_of(class_weight, sizes, rank),
+        reduction=spec["reduction"], backend="torch", **options)
+    full = [to64(t).requires_grad_() for t in (x, w, b)]
+    ref = reference_loss(full[0] @ full[1].t() + full[2], to64(target), weight=to64(class_weight),
+                         reduction=spec["reduction"], **options)
+    assert_close(loss, ref, torch.float32, scale=max(ref.abs().max().item(), 1.0))
+    upstream = torch.rand(ref.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad(loss, leaves, upstream.float())
+    want = torch.autograd.grad(ref, full, upstream)
+    want = (want[0], shard_of(want[1], sizes, rank, 0), shard_of(want[2], sizes, rank))
+    for a, e in zip(got, want):
+        assert_close(a, e, torch.float32, scale=max(e.abs().max().item(), 1e-30))
+
+
 def error_cases():
     return ["weight_size_on_one_rank", "overlapping_vocab_start", "vocab_start_on_some_ranks",
             "target_out_of_range", "targets_differ", "probs_shape_on_one_rank"]
@@ -174,6 +218,12 @@ def run(rank, world, port, out_dir, case_ids):
                     results[case_id] = "ok"
                 except Exception:  # noqa: BLE001  (reported by the parent's test of this case)
                     results[case_id] = traceback.format_exc()
+        for case_id, spec in linear_cases():
+            try:
+                check_linear_case(rank, world, spec)
+                results[case_id] = "ok"
+            except Exception:  # noqa: BLE001
+                results[case_id] = traceback.format_exc()
         for name in error_cases():
             results["error-" + name] = check_error_case(rank, world, name)
     finally:

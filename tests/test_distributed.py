@@ -50,6 +50,13 @@ def test_loss_and_gradient_match_the_gathered_logits(world, case_id):
     assert not failures, "\n".join(failures)
 
 
+@pytest.mark.parametrize("case_id", [case_id for case_id, _ in cases.linear_cases()])
+def test_linear_loss_and_gradients_match_the_whole_head(world, case_id):
+    size, results = world
+    failures = [f"rank {r}:\n{res[case_id]}" for r, res in enumerate(results) if res[case_id] != "ok"]
+    assert not failures, "\n".join(failures)
+
+
 @pytest.mark.parametrize("name,kind,words", [
     ("weight_size_on_one_rank", "InvalidArgument", "rank"),
     ("overlapping_vocab_start", "InvalidArgument", "vocab_start"),

@@ -103,9 +103,11 @@ def fail_everywhere(error: Exception, rows: int, device, group):
 
 
 def forward(logits, target, weight, opts: Options, backend, group, vocab_start: Optional[int],
-            known: Optional[Layout] = None):
+            known: Optional[Layout] = None, hashed: Optional[torch.Tensor] = None):
     """(Rows, Layout) for this rank's logits [rows, V_local], class indices [rows] or probabilities
-    [rows, V_local] and class weight [V_local] (accumulation dtype), after the two collectives."""
+    [rows, V_local] and class weight [V_local] (accumulation dtype), after the two collectives. A chunk
+    of a longer call passes the Layout of the first (`known`), and to the first all the targets, which
+    are checked to agree across ranks (`hashed`, default: target)."""
     rows, size = logits.shape
     soft = target.is_floating_point()
     eps = opts.label_smoothing
@@ -117,7 +119,7 @@ def forward(logits, target, weight, opts: Options, backend, group, vocab_start: 
     else:
         states = backend.shard_states(logits, target, weight, opts, local)
     m, s, cx, k = states.unbind(1)
-    big_m, layout = _maximum(m, size, vocab_start, target, group, False, known)
+    big_m, layout = _maximum(m, size, vocab_start, target if hashed is None else hashed, group, False, known)
     if isinstance(layout, str):
         raise InvalidArgument(f"vocab-parallel cross-entropy: {layout}")
     classes = layout.shard.classes

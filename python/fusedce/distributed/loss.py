@@ -18,12 +18,15 @@ _SECOND_BACKWARD = ("the fused vocab-parallel loss hands out its gradient once: 
                     "needs fused=False")
 
 
-def _denominator(rows: combine.Rows, target, ignore_index: int):
-    """torch's "mean" divisor (0-d): the summed class weight of the non-ignored targets (from the combine's
-    gathered w_t), their count without a weight, the number of rows for probabilities."""
+def _denominator(target, target_weight, ignore_index: int, acc):
+    """torch's "mean" divisor (0-d): the summed class weight of the non-ignored targets (target_weight: the
+    combine's gathered w_t of each row), their count without a weight, the number of rows for
+    probabilities."""
     if target.is_floating_point():
-        return torch.tensor(float(target.shape[0]), dtype=rows.lse.dtype, device=rows.lse.device)
-    return rows.weight.sum() if rows.weight is not None else (target != ignore_index).sum().to(rows.lse.dtype)
+        return torch.tensor(float(target.shape[0]), dtype=acc, device=target.device)
+    if target_weight is not None:
+        return target_weight.sum()
+    return (target != ignore_index).sum().to(acc)
 
 
 class Problem:
@@ -51,7 +54,7 @@ class VocabParallelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, weight, problem):
         rows = problem.forward(logits, target, weight)
-        denominator = _denominator(rows, target, problem.options.ignore_index)
+        denominator = _denominator(target, rows.weight, problem.options.ignore_index, rows.lse.dtype)
         ctx.save_for_backward(logits, target, weight, rows.lse, rows.k)
         ctx.problem = problem
         ctx.mark_non_differentiable(rows.lse, denominator)
@@ -74,7 +77,7 @@ class FusedVocabParallelFunction(torch.autograd.Function):
     def forward(ctx, logits, target, weight, problem, reduction, out_dtype):
         rows = problem.forward(logits, target, weight)
         one = torch.ones((), dtype=rows.lse.dtype, device=logits.device)
-        denominator = _denominator(rows, target, problem.options.ignore_index) if reduction == "mean" else None
+        denominator = _denominator(target, rows.weight, problem.options.ignore_index, rows.lse.dtype) if reduction == "mean" else None
         scale = one if denominator is None else one / denominator
         ctx.dlogits = problem.gradient(scale.expand(logits.shape[0]), logits, target, weight, rows)
         ctx.backend = problem.backend
@@ -148,7 +151,7 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, wei
         loss, lse, denominator = VocabParallelFunction.apply(call.logits, call.target, call.weight, problem)
     else:
         rows = problem.forward(call.logits, call.target, call.weight)
-        loss, lse, denominator = rows.loss, rows.lse, _denominator(rows, call.target, ignore_index)
+        loss, lse, denominator = rows.loss, rows.lse, _denominator(call.target, rows.weight, ignore_index, rows.lse.dtype)
     if reduction == "none":
         loss = loss.reshape(call.batch_shape)
     else:
