@@ -175,6 +175,45 @@ def check_linear_case(rank, world, spec):
         assert_close(a, e, torch.float32, scale=max(e.abs().max().item(), 1e-30))
 
 
+DTENSOR_CASES = ["dtensor-2d-mean", "dtensor-2d-weight-sum", "dtensor-3d-none", "dtensor-replicated-raises"]
+
+
+def check_dtensor_case(rank, world, name):
+    """fusedce.cross_entropy on a class-sharded DTensor against torch's loss_parallel: loss and local gradient."""
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    import fusedce
+    from reference import assert_close
+    mesh = init_device_mesh("cpu", (world,))
+    logits, target, weight, _ = problem(world, {})
+    weight = weight if "weight" in name else None
+    reduction = name.rsplit("-", 1)[1]
+    if "3d" in name:  # [N, C, d]: the classes in dim 1
+        logits = logits.reshape(4, -1, logits.shape[1]).transpose(1, 2).contiguous()
+        target = target.reshape(4, -1)
+    if name.endswith("raises"):
+        try:
+            fusedce.cross_entropy(distribute_tensor(logits, mesh, [Replicate()]), target)
+        except Exception as e:  # noqa: BLE001
+            assert "redistribute" in str(e), str(e)
+            return
+        raise AssertionError("a replicated DTensor did not raise")
+    ours = distribute_tensor(logits, mesh, [Shard(1)]).requires_grad_()
+    theirs = distribute_tensor(logits, mesh, [Shard(1)]).requires_grad_()
+    loss = fusedce.cross_entropy(ours, target, weight, reduction=reduction, backend="torch")
+    with loss_parallel():
+        expected = F.cross_entropy(theirs, target, weight, reduction=reduction)
+        expected.backward(torch.ones_like(expected))
+    loss.backward(torch.ones_like(loss))
+    assert loss.placements == expected.placements, (loss.placements, expected.placements)
+    assert_close(loss.full_tensor(), expected.full_tensor(), torch.float32)
+    assert ours.grad.placements == theirs.grad.placements
+    assert_close(ours.grad.to_local(), theirs.grad.to_local(), torch.float32)
+
+
 def error_cases():
     return ["weight_size_on_one_rank", "overlapping_vocab_start", "vocab_start_on_some_ranks",
             "target_out_of_range", "targets_differ", "probs_shape_on_one_rank"]
@@ -224,6 +263,12 @@ def run(rank, world, port, out_dir, case_ids):
                 results[case_id] = "ok"
             except Exception:  # noqa: BLE001
                 results[case_id] = traceback.format_exc()
+        for name in DTENSOR_CASES:
+            try:
+                check_dtensor_case(rank, world, name)
+                results[name] = "ok"
+            except Exception:  # noqa: BLE001
+                results[name] = traceback.format_exc()
         for name in error_cases():
             results["error-" + name] = check_error_case(rank, world, name)
     finally:

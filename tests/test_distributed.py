@@ -50,8 +50,8 @@ def test_loss_and_gradient_match_the_gathered_logits(world, case_id):
     assert not failures, "\n".join(failures)
 
 
-@pytest.mark.parametrize("case_id", [case_id for case_id, _ in cases.linear_cases()])
-def test_linear_loss_and_gradients_match_the_whole_head(world, case_id):
+@pytest.mark.parametrize("case_id", [case_id for case_id, _ in cases.linear_cases()] + cases.DTENSOR_CASES)
+def test_linear_and_dtensor_match_their_references(world, case_id):
     size, results = world
     failures = [f"rank {r}:\n{res[case_id]}" for r, res in enumerate(results) if res[case_id] != "ok"]
     assert not failures, "\n".join(failures)

@@ -9,6 +9,7 @@ backend, result dtype); then one of four paths runs the kernels:
 No path syncs the host."""
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -60,6 +61,11 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
+    if type(input) is not torch.Tensor and _is_dtensor(input):  # sharded by class: the vocab-parallel loss
+        from .distributed import dtensor
+        return dtensor.cross_entropy(input, target, weight, inplace_backward, ignore_index=ignore_index, reduction=reduction,
+                                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
+                                     return_lse=return_lse, fused=fused, backend=backend, dtype=dtype)
     if (backend == "auto" and type(input) is torch.Tensor and input.numel() < TORCH_BELOW_ELEMENTS
             and not (z_loss or softcap is not None or return_lse or inplace_backward or fused)):
         return _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, dtype)
@@ -90,6 +96,12 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                                            inplace_backward and not transformed)
     # under torch.func the targets may be wrapped too: the denominator from tensor ops
     return _result(loss, lse, call, return_lse, ops.traceable(kernels) if transformed else kernels)
+
+
+def _is_dtensor(x) -> bool:
+    """Without importing torch.distributed.tensor where nothing made a DTensor."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
 
 
 def _result(loss, lse, call: Call, return_lse: bool, kernels):
