@@ -3,7 +3,8 @@ vocab-parallel loss over gloo on the CPU, forward + backward of the "mean" loss 
 split by class over W processes, per rank: time (median, the providers interleaved call by call, a
 barrier before each call), peak memory (VmHWM over what existed before the call, as measure.py) and
 the bytes each rank hands to collectives, against gathering the logits then F.cross_entropy and
-against DTensor's loss_parallel. Writes results-parallel.json."""
+against DTensor's loss_parallel, and beside fusedce.cross_entropy on the rank's shard alone (no
+collective, not the same loss: the yardstick of the memory bound). Writes results-parallel.json."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,7 @@ class CountBytes(contextlib.ContextDecorator):
 
 def providers(shard, target, world):
     """name -> run() (forward + backward), each on a fresh leaf of this rank's shard."""
+    import fusedce
     import fusedce.distributed as fd
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Shard
@@ -72,8 +74,13 @@ def providers(shard, target, world):
             F.cross_entropy(d, target).backward()
         return x.grad
 
+    def fusedce_shard_alone():  # no collective: what the issue's memory bound is relative to
+        x = shard.detach().requires_grad_()
+        fusedce.cross_entropy(x, target.clamp(max=shard.shape[1] - 1)).backward()
+        return x.grad
+
     return {"fusedce-vocab-parallel": fusedce_parallel, "gather+F.cross_entropy": gather_then_torch,
-            "dtensor-loss_parallel": dtensor_loss_parallel}
+            "dtensor-loss_parallel": dtensor_loss_parallel, "fusedce-on-own-shard-alone": fusedce_shard_alone}
 
 
 def _rank(rank, world, port, rows, vocab, repeats, out):
@@ -150,7 +157,7 @@ def main(argv=None):
     print(f"{'provider':<26} {'W':>2} {'ms':>9} {'peak MiB/rank':>14} {'bytes/row/rank':>15}")
     for r in records:
         print(f"{r['provider']:<26} {r['world']:>2} {r['ms']:>9.1f} {r['peak_mem_bytes_per_rank'] / 2**20:>14.1f} "
-              f"{r['collective_bytes_per_row'] or float('nan'):>15.1f}")
+              f"{float('nan') if r['collective_bytes_per_row'] is None else r['collective_bytes_per_row']:>15.1f}")
     print(f"wrote {path}")
 
 
