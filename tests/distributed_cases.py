@@ -244,6 +244,26 @@ def check_error_case(rank, world, name):
     return None, "no error"
 
 
+def check_sync_free(rank, world):
+    """The GPU's mode, forced on the CPU: the layout read once, then checked on the device; a call whose
+    targets differ across ranks gives NaN on every rank instead of an error. Returns the three losses
+    and the float64 reference."""
+    import fusedce.distributed as fd
+    from fusedce.distributed import combine
+    from reference import reference_loss, to64
+    original, combine.reads_layout = combine.reads_layout, lambda device: False
+    try:
+        logits, target, _, sizes = problem(world, {})
+        mine = shard_of(logits, sizes, rank)
+        differ = target.clone()
+        differ[2] = (differ[2] + rank) % sum(sizes)
+        losses = [fd.vocab_parallel_cross_entropy(mine, t, backend="torch").item() for t in (target, target, differ)]
+        return losses + [reference_loss(to64(logits), target).item()]
+    finally:
+        combine.reads_layout = original
+        combine._LAYOUTS.clear()
+
+
 def run(rank, world, port, out_dir, case_ids):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -269,6 +289,7 @@ def run(rank, world, port, out_dir, case_ids):
                 results[name] = "ok"
             except Exception:  # noqa: BLE001
                 results[name] = traceback.format_exc()
+        results["sync_free"] = check_sync_free(rank, world)
         for name in error_cases():
             results["error-" + name] = check_error_case(rank, world, name)
     finally:

@@ -69,3 +69,11 @@ def test_bad_input_raises_on_every_rank(world, name, kind, words):
     size, results = world
     raised = [res["error-" + name] for res in results]
     assert all(k == kind and words in message for k, message in raised), raised
+
+
+def test_gpu_mode_reads_the_layout_once_and_poisons_a_changed_one(world):
+    size, results = world
+    for res in results:
+        first, cached, differ, reference = res["sync_free"]
+        assert first == cached and abs(first - reference) <= 5e-6 * abs(reference), res["sync_free"]
+        assert differ != differ, "targets that differ across ranks must give NaN in the device-checked mode"

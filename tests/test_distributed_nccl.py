@@ -30,8 +30,8 @@ def _world_of_one(rank, port, out):
             results[str(kw)] = [float((a - b).abs().max()) for a, b in ((loss, ref), (lse, ref_lse), (grad, ref_grad))]
         bad = target.clone()
         bad[3] = 1000
-        results["bad"] = fd.vocab_parallel_cross_entropy(logits.detach(), bad, reduction="none").isnan().nonzero()[:, 0]\
-            .tolist()
+        nan_rows = fd.vocab_parallel_cross_entropy(logits.detach(), bad, reduction="none").isnan()
+        results["bad"] = nan_rows.nonzero()[:, 0].tolist()
         torch.save(results, out)
     finally:
         dist.destroy_process_group()

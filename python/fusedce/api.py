@@ -6,7 +6,7 @@ backend, result dtype); then one of four paths runs the kernels:
   - the fused mode (a reduced loss in eager autograd): FusedCrossEntropyFunction, gradient in the forward;
   - otherwise in eager mode: CrossEntropyFunction (per-row loss and lse), then the reduction;
   - under torch.compile: the custom ops of fusedce.ops, then the reduction.
-No path syncs the host."""
+No path syncs the host. DTensor logits sharded by class go to fusedce.distributed instead."""
 from __future__ import annotations
 
 import sys
@@ -63,9 +63,9 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         reduction = _reduction.legacy_get_string(size_average, reduce)
     if type(input) is not torch.Tensor and _is_dtensor(input):  # sharded by class: the vocab-parallel loss
         from .distributed import dtensor
-        return dtensor.cross_entropy(input, target, weight, inplace_backward, ignore_index=ignore_index, reduction=reduction,
-                                     label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                                     return_lse=return_lse, fused=fused, backend=backend, dtype=dtype)
+        return dtensor.cross_entropy(input, target, weight, inplace_backward, ignore_index=ignore_index,
+                                     reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                                     softcap=softcap, return_lse=return_lse, fused=fused, backend=backend, dtype=dtype)
     if (backend == "auto" and type(input) is torch.Tensor and input.numel() < TORCH_BELOW_ELEMENTS
             and not (z_loss or softcap is not None or return_lse or inplace_backward or fused)):
         return _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, dtype)

@@ -204,6 +204,32 @@ def _check_linear(input, weight, bias, target, ignore_index: int) -> None:
     check_target(torch.Size((input.shape[0], weight.shape[0])), input.device, target, ignore_index)
 
 
+def checked_arguments(input, weight, bias, target, class_weight, ignore_index: int, reduction: str,
+                      label_smoothing: float, z_loss: float, softcap: Optional[float], chunk_size: Optional[int],
+                      dtype: Optional[torch.dtype]) -> Options:
+    """The checks of a chunked head's arguments (here and in fusedce.distributed); returns the options."""
+    check_reduction(reduction)
+    options = Options.checked(ignore_index, label_smoothing, z_loss, softcap)
+    check_dtype(dtype)
+    _check_linear(input, weight, bias, target, ignore_index)
+    if class_weight is not None:
+        check_weight(class_weight, weight.shape[0], input.device)
+    if chunk_size is not None and chunk_size < 1:
+        raise InvalidArgument(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if target.requires_grad:
+        raise InvalidArgument("linear_cross_entropy does not differentiate with respect to the target: pass a "
+                              "target that does not require grad")
+    return options
+
+
+def kernel_layout(input, weight, target, class_weight, chunk_size: Optional[int]):
+    """(target, class weight) as the kernels read them, and the tokens per chunk."""
+    acc = accumulation_dtype(input.dtype)
+    tgt = target.contiguous() if target.is_floating_point() else target.to(torch.int64).contiguous()
+    cw = class_weight.to(acc).contiguous() if class_weight is not None else None
+    return tgt, cw, chunk_size or auto_chunk_size(input.shape[0], weight.shape[0], input.dtype, input.device)
+
+
 def _autocast(input, weight, bias):
     """What F.linear does under torch.autocast: fp32 operands cast to the autocast dtype (differentiably,
     so the parameters' gradients stay fp32)."""
@@ -227,28 +253,15 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     fusedce.cross_entropy (torch.nn.functional.linear_cross_entropy calls the class weight `weight`
     and the matrix `linear_weight`; positionally the two functions agree). chunk_size: tokens per
     chunk (default: chosen from the vocabulary size and, on a GPU, the free memory)."""
-    check_reduction(reduction)
-    options = Options.checked(ignore_index, label_smoothing, z_loss, softcap)
-    check_dtype(dtype)
-    _check_linear(input, weight, bias, target, ignore_index)
-    if class_weight is not None:
-        check_weight(class_weight, weight.shape[0], input.device)
-    if chunk_size is not None and chunk_size < 1:
-        raise InvalidArgument(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-    if target.requires_grad:
-        raise InvalidArgument("linear_cross_entropy does not differentiate with respect to the target: pass a "
-                              "target that does not require grad")
+    options = checked_arguments(input, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing,
+                                z_loss, softcap, chunk_size, dtype)
     input, weight, bias = _autocast(input, weight, bias)
     resolved = backends.resolve(backend, input.device, input.dtype)
-    soft = target.is_floating_point()
-    acc = accumulation_dtype(input.dtype)
-    tgt = target.contiguous() if soft else target.to(torch.int64).contiguous()
-    cw = class_weight.to(acc).contiguous() if class_weight is not None else None
+    tgt, cw, chunk = kernel_layout(input, weight, target, class_weight, chunk_size)
     denominator = None
     if reduction == "mean":
         kernels = ops.traceable(resolved) if torch.compiler.is_compiling() else resolved
         denominator = kernels.mean_denominator(tgt, cw, ignore_index)
-    chunk = chunk_size or auto_chunk_size(input.shape[0], weight.shape[0], input.dtype, input.device)
     loss = LinearCrossEntropyFunction.apply(input, weight, bias, tgt, cw, denominator, reduction, options, resolved,
                                             chunk)
     return loss.to(dtype or output_dtype(input, target))

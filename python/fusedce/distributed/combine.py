@@ -16,7 +16,7 @@ Bytes per row per rank: 4 (MAX) + 4 per column: 12 in the plain case, 16 with sm
 probabilities, 20 with a class weight and smoothing."""
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -28,12 +28,6 @@ from ..options import Options, Shard, accumulation_dtype
 _EXACT = 1 << 24  # integers below this are exact in fp32, the statistics' dtype
 _HASH_PRIME = 16777213  # < 2**24: a target hash is exact in fp32
 _SLOTS = 3  # per rank: size, start (-1: not given), error
-
-
-class Layout(NamedTuple):
-    shard: Shard  # this rank's
-    sizes: List[int]
-    rank: int
 
 
 class Rows(NamedTuple):
@@ -71,9 +65,20 @@ def _layout_error(sizes, starts, codes, hashes) -> Optional[str]:
     return None
 
 
-def _maximum(m, size: int, vocab_start, target, group, failed: bool, known: Optional[Layout]):
-    """Collective 1: (M [rows], the Layout or what is wrong with it). With a Layout `known` from an earlier
-    chunk of the same call, the slots are left out."""
+# On a GPU the layout is read on the host once per (group, shard size, vocab_start), then only checked on
+# the device: a later call whose slots differ from the cached ones (another rank's layout changed, its
+# targets differ, its arguments were rejected) gets NaN losses instead of an error, with no host sync.
+_LAYOUTS: dict = {}
+
+
+def reads_layout(device: torch.device) -> bool:
+    """Whether each call reads the exchanged slots on the host: free on the CPU, a sync on a GPU."""
+    return device.type == "cpu"
+
+
+def _maximum(m, size: int, vocab_start, target, group, failed: bool, known: Optional[Shard]):
+    """Collective 1: (M [rows], this rank's Shard or what is wrong with the layout). With the Shard `known`
+    from an earlier chunk of the same call, the slots are left out."""
     rows = m.shape[0]
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     buf = torch.full((rows + (0 if known else _SLOTS * world + 2),), -torch.inf, dtype=m.dtype, device=m.device)
@@ -87,11 +92,23 @@ def _maximum(m, size: int, vocab_start, target, group, failed: bool, known: Opti
     dist.all_reduce(buf, dist.ReduceOp.MAX, group=group)
     if known:
         return buf, known
+    key = (group, world, rank, size, vocab_start, m.device, buf.dtype)
+    cached = None if reads_layout(m.device) else _LAYOUTS.get(key)
+    if cached is not None:
+        shard, expected = cached
+        slots = buf[rows:]
+        agree = (slots[:-2] == expected).all() & ((slots[-2] == -slots[-1]) | (slots[-2] == -torch.inf))
+        return torch.where(agree, buf[:rows], torch.nan), shard
     slots = buf[rows:].tolist()  # the layout, on the host (a device sync on a GPU)
     sizes, starts, codes = ([int(v) if v > -torch.inf else -1 for v in slots[i:_SLOTS * world:_SLOTS]]
                             for i in range(_SLOTS))
     error = _layout_error(sizes, starts, codes, slots[-2:])
-    return buf[:rows], error or Layout(Shard(sum(sizes[:rank]), sum(sizes)), sizes, rank)
+    if error:
+        return buf[:rows], error
+    shard = Shard(sum(sizes[:rank]), sum(sizes))
+    if not reads_layout(m.device):
+        _LAYOUTS[key] = shard, buf[rows:-2].clone()
+    return buf[:rows], shard
 
 
 def fail_everywhere(error: Exception, rows: int, device, group):
@@ -103,10 +120,10 @@ def fail_everywhere(error: Exception, rows: int, device, group):
 
 
 def forward(logits, target, weight, opts: Options, backend, group, vocab_start: Optional[int],
-            known: Optional[Layout] = None, hashed: Optional[torch.Tensor] = None):
-    """(Rows, Layout) for this rank's logits [rows, V_local], class indices [rows] or probabilities
+            known: Optional[Shard] = None, hashed: Optional[torch.Tensor] = None):
+    """(Rows, this rank's Shard) for this rank's logits [rows, V_local], class indices [rows] or probabilities
     [rows, V_local] and class weight [V_local] (accumulation dtype), after the two collectives. A chunk
-    of a longer call passes the Layout of the first (`known`), and to the first all the targets, which
+    of a longer call passes the Shard of the first (`known`), and to the first all the targets, which
     are checked to agree across ranks (`hashed`, default: target)."""
     rows, size = logits.shape
     soft = target.is_floating_point()
@@ -119,10 +136,10 @@ def forward(logits, target, weight, opts: Options, backend, group, vocab_start: 
     else:
         states = backend.shard_states(logits, target, weight, opts, local)
     m, s, cx, k = states.unbind(1)
-    big_m, layout = _maximum(m, size, vocab_start, target if hashed is None else hashed, group, False, known)
-    if isinstance(layout, str):
-        raise InvalidArgument(f"vocab-parallel cross-entropy: {layout}")
-    classes = layout.shard.classes
+    big_m, shard = _maximum(m, size, vocab_start, target if hashed is None else hashed, group, False, known)
+    if isinstance(shard, str):
+        raise InvalidArgument(f"vocab-parallel cross-entropy: {shard}")
+    classes = shard.classes
     if soft and eps:
         cx = (1 - eps) * cx + eps * size / classes * uniform[:, 2]
         k = (1 - eps) * k + eps * size / classes * uniform[:, 3]
@@ -132,7 +149,7 @@ def forward(logits, target, weight, opts: Options, backend, group, vocab_start: 
     columns = [s * torch.exp(shift)]
     if not soft:
         acc = accumulation_dtype(logits.dtype)
-        xt, wt, valid, bad, here, _ = target_terms(logits, target, weight, opts, acc, layout.shard)
+        xt, wt, valid, bad, here, _ = target_terms(logits, target, weight, opts, acc, shard)
         columns.append(torch.where(here | bad, xt, torch.zeros_like(xt)))  # NaN for a bad target
         if weight is not None:
             columns.append(torch.where(here & valid, wt, torch.zeros_like(wt)))
@@ -149,7 +166,7 @@ def forward(logits, target, weight, opts: Options, backend, group, vocab_start: 
     if soft:
         big_k, big_cx = summed[-1], summed[-2]
         loss = big_k * log_s - big_cx + opts.z_loss * lse * lse
-        return Rows(loss, lse, big_k, None), layout
+        return Rows(loss, lse, big_k, None), shard
     w_t = summed[2] if weight is not None else None
     keep = 1 - eps if w_t is None else (1 - eps) * w_t
     loss = keep * ((big_m - summed[1]) + log_s) + opts.z_loss * lse * lse
@@ -159,4 +176,4 @@ def forward(logits, target, weight, opts: Options, backend, group, vocab_start: 
         loss = loss + big_k * log_s - summed[-1]
         target_mass = keep + big_k
     loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return Rows(loss, lse, torch.as_tensor(target_mass, dtype=lse.dtype, device=lse.device).expand(rows), w_t), layout
+    return Rows(loss, lse, torch.as_tensor(target_mass, dtype=lse.dtype, device=lse.device).expand(rows), w_t), shard

@@ -14,43 +14,40 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from .. import backends
-from ..arguments import check_dtype, check_reduction, check_weight, output_dtype
+from ..arguments import output_dtype
 from ..errors import InvalidArgument, UnsupportedDType
-from ..linear import _autocast, _check_linear, _Grads, _row_grad, auto_chunk_size, chunk_loop
-from ..options import Options, accumulation_dtype
+from ..linear import _autocast, _Grads, _row_grad, checked_arguments, chunk_loop, kernel_layout
+from ..options import accumulation_dtype
 from . import combine
-from .loss import _denominator
+from .loss import Problem, _denominator
 
 
-class _Chunks:
-    """One call's chunks: their combine (the layout exchanged with the first), their rows' lse and k."""
+class _Chunks(Problem):
+    """One call's chunks of tokens: each chunk's combine (the layout exchanged with the first, which also
+    checks that all the targets agree across ranks) and its rows' results, kept for the backward."""
 
     def __init__(self, target, class_weight, options, backend, group, vocab_start):
-        self.target, self.class_weight, self.options = target, class_weight, options
-        self.backend, self.group, self.vocab_start = backend, group, vocab_start
-        self.layout, self.rows = None, []
+        super().__init__(options, backend, group, vocab_start)
+        self.target, self.class_weight, self.rows = target, class_weight, []
 
-    def forward(self, logits, rows: slice, grad_one: bool):
+    def chunk_forward(self, logits, rows: slice, grad_one: bool):
         """The chunk's (loss, lse); with grad_one also its gradient for grad_loss 1, over the logits."""
-        target = self.target[rows]
-        result, self.layout = combine.forward(logits, target, self.class_weight, self.options, self.backend,
-                                              self.group, self.vocab_start, self.layout, hashed=self.target)
+        result = self.forward(logits, self.target[rows], self.class_weight, hashed=self.target)
         self.rows.append(result)
         dlogits = None
         if grad_one:
             one = torch.ones((), dtype=result.lse.dtype, device=logits.device).expand(logits.shape[0])
-            dlogits = self.backward(one, logits, rows, result, logits)
+            dlogits = self.chunk_backward(one, logits, rows, result)
         return result.loss, result.lse, dlogits
 
-    def backward(self, grad_loss, logits, rows: slice, result: combine.Rows, out=None):
-        return self.backend.shard_backward(grad_loss, logits, self.target[rows], self.class_weight, result.lse,
-                                           result.k, self.options, self.layout.shard, out)
+    def chunk_backward(self, grad_loss, logits, rows: slice, result: combine.Rows):
+        """The chunk's gradient, over its logits."""
+        return self.gradient(grad_loss, logits, self.target[rows], self.class_weight, result, logits)
 
     def denominator(self):
-        acc = accumulation_dtype(self.class_weight.dtype if self.class_weight is not None else torch.float32)
+        acc = self.rows[0].lse.dtype if self.rows else torch.float32
         weights = [r.weight for r in self.rows if r.weight is not None]
-        summed = torch.cat(weights) if weights else None
-        return _denominator(self.target, summed, self.options.ignore_index, acc)
+        return _denominator(self.target, torch.cat(weights) if weights else None, self.options.ignore_index, acc)
 
 
 class VocabParallelLinearFunction(torch.autograd.Function):
@@ -61,7 +58,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad[:3]
         fused = reduction != "none" and any(needs)
         grads = _Grads(input, weight, bias, *needs) if fused else None
-        loss, _ = chunk_loop(input, weight, bias, chunk, lambda logits, rows: chunks.forward(logits, rows, fused),
+        loss, _ = chunk_loop(input, weight, bias, chunk, lambda logits, rows: chunks.chunk_forward(logits, rows, fused),
                              grads)
         denominator = chunks.denominator() if reduction == "mean" else None
         ctx.save_for_backward(input, weight, bias)
@@ -90,7 +87,7 @@ class VocabParallelLinearFunction(torch.autograd.Function):
         results = iter(chunks.rows)
 
         def step(logits, rows):
-            return None, None, chunks.backward(row_grad[rows], logits, rows, next(results), logits)
+            return None, None, chunks.chunk_backward(row_grad[rows], logits, rows, next(results))
 
         grads = _Grads(input, weight, bias, *ctx.needs_input_grad[:3])
         chunk_loop(input, weight, bias, chunk, step, grads)
@@ -120,16 +117,8 @@ def vocab_parallel_linear_cross_entropy(input: torch.Tensor, weight: torch.Tenso
     arguments as in fusedce.linear_cross_entropy and vocab_parallel_cross_entropy. Every rank gets the
     same loss and grad_input (all-reduced over the group), and its own grad_weight and grad_bias."""
     try:
-        check_reduction(reduction)
-        options = Options.checked(ignore_index, label_smoothing, z_loss, softcap)
-        check_dtype(dtype)
-        _check_linear(input, weight, bias, target, ignore_index)
-        if class_weight is not None:
-            check_weight(class_weight, weight.shape[0], input.device)
-        if chunk_size is not None and chunk_size < 1:
-            raise InvalidArgument(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-        if target.requires_grad:
-            raise InvalidArgument("the target is not differentiated: pass one that does not require grad")
+        options = checked_arguments(input, weight, bias, target, class_weight, ignore_index, reduction,
+                                    label_smoothing, z_loss, softcap, chunk_size, dtype)
         if vocab_start is not None and (not isinstance(vocab_start, int) or vocab_start < 0):
             raise InvalidArgument(f"vocab_start must be a non-negative int or None, got {vocab_start!r}")
         resolved = backends.resolve(backend, input.device, input.dtype)
@@ -138,10 +127,7 @@ def vocab_parallel_linear_cross_entropy(input: torch.Tensor, weight: torch.Tenso
         device = input.device if isinstance(input, torch.Tensor) else torch.device("cpu")
         combine.fail_everywhere(e, min(tokens, chunk_size or tokens), device, group)
     input, weight, bias = _autocast(input, weight, bias)
-    acc = accumulation_dtype(input.dtype)
-    tgt = target.contiguous() if target.is_floating_point() else target.to(torch.int64).contiguous()
-    cw = class_weight.to(acc).contiguous() if class_weight is not None else None
+    tgt, cw, chunk = kernel_layout(input, weight, target, class_weight, chunk_size)
     chunks = _Chunks(tgt, cw, options, resolved, group, vocab_start)
-    chunk = chunk_size or auto_chunk_size(input.shape[0], weight.shape[0], input.dtype, input.device)
     loss = VocabParallelLinearFunction.apply(input, weight, bias, chunks, reduction, chunk)
     return loss.to(dtype or output_dtype(input, target))

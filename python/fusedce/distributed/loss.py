@@ -36,15 +36,15 @@ class Problem:
         self.options, self.backend, self.group, self.vocab_start = options, backend, group, vocab_start
         self.shard = None  # known after the forward
 
-    def forward(self, logits, target, weight) -> combine.Rows:
-        rows, layout = combine.forward(logits, target, weight, self.options, self.backend, self.group,
-                                       self.vocab_start)
-        self.shard = layout.shard
+    def forward(self, logits, target, weight, hashed=None) -> combine.Rows:
+        """The combine; after the first call (a chunk of a longer one) with the layout that one found."""
+        rows, self.shard = combine.forward(logits, target, weight, self.options, self.backend, self.group,
+                                           self.vocab_start, self.shard, hashed)
         return rows
 
-    def gradient(self, grad_loss, logits, target, weight, rows: combine.Rows):
+    def gradient(self, grad_loss, logits, target, weight, rows: combine.Rows, out=None):
         return self.backend.shard_backward(grad_loss, logits, target, weight, rows.lse, rows.k, self.options,
-                                           self.shard)
+                                           self.shard, out)
 
 
 class VocabParallelFunction(torch.autograd.Function):
@@ -77,7 +77,9 @@ class FusedVocabParallelFunction(torch.autograd.Function):
     def forward(ctx, logits, target, weight, problem, reduction, out_dtype):
         rows = problem.forward(logits, target, weight)
         one = torch.ones((), dtype=rows.lse.dtype, device=logits.device)
-        denominator = _denominator(target, rows.weight, problem.options.ignore_index, rows.lse.dtype) if reduction == "mean" else None
+        denominator = None
+        if reduction == "mean":
+            denominator = _denominator(target, rows.weight, problem.options.ignore_index, rows.lse.dtype)
         scale = one if denominator is None else one / denominator
         ctx.dlogits = problem.gradient(scale.expand(logits.shape[0]), logits, target, weight, rows)
         ctx.backend = problem.backend
@@ -132,18 +134,18 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, wei
         if call.target.requires_grad:
             raise InvalidArgument("vocab_parallel_cross_entropy does not differentiate the target: pass one that "
                                   "does not require grad")
+        if _forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
+            raise InvalidArgument("vocab_parallel_cross_entropy supports reverse-mode autograd only (no "
+                                  "forward-mode AD, no torch.func transforms)")
+        if fused and (reduction == "none" or return_lse):
+            raise InvalidArgument("fused=True needs reduction 'mean' or 'sum' and return_lse=False")
     except (InvalidArgument, UnsupportedDType, TypeError, RuntimeError) as e:
         device = logits.device if isinstance(logits, torch.Tensor) else torch.device("cpu")
         combine.fail_everywhere(e, _rows_hint(logits), device, group)
     problem = Problem(call.options, call.backend, group, vocab_start)
     needs_grad = torch.is_grad_enabled() and logits.requires_grad
-    if _forward_ad._current_level >= 0 or torch._C._functorch.peek_interpreter_stack() is not None:
-        raise InvalidArgument("vocab_parallel_cross_entropy supports reverse-mode autograd only (no forward-mode "
-                              "AD, no torch.func transforms)")
-    if fused is None:
-        fused = needs_grad and reduction != "none" and not return_lse
-    elif fused and (reduction == "none" or return_lse):
-        raise InvalidArgument("fused=True needs reduction 'mean' or 'sum' and return_lse=False")
+    if fused is None:  # as fusedce.cross_entropy: where the reduced loss's gradient can be had in the forward
+        fused = reduction != "none" and not return_lse
     if fused and needs_grad:
         return FusedVocabParallelFunction.apply(call.logits, call.target, call.weight, problem, reduction,
                                                 call.out_dtype)
@@ -151,7 +153,8 @@ def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, wei
         loss, lse, denominator = VocabParallelFunction.apply(call.logits, call.target, call.weight, problem)
     else:
         rows = problem.forward(call.logits, call.target, call.weight)
-        loss, lse, denominator = rows.loss, rows.lse, _denominator(call.target, rows.weight, ignore_index, rows.lse.dtype)
+        loss, lse = rows.loss, rows.lse
+        denominator = _denominator(call.target, rows.weight, ignore_index, lse.dtype)
     if reduction == "none":
         loss = loss.reshape(call.batch_shape)
     else:
