@@ -1,7 +1,7 @@
 """python -m benchmarks.parallel [--worlds 2,4] [--shape 4096x32000] [--repeats 5] [--out DIR]: the
 vocab-parallel loss over gloo on the CPU, forward + backward of the "mean" loss of [rows, V] fp32 logits
-split by class over W processes, per rank: time (median, the providers interleaved call by call, a
-barrier before each call), peak memory (VmHWM over what existed before the call, as measure.py) and
+split by class over W processes, per rank: time (median of the slowest rank, a barrier before each
+call), peak memory (VmHWM over what existed before the call, as measure.py) and
 the bytes each rank hands to collectives, against gathering the logits then F.cross_entropy and
 against DTensor's loss_parallel, and beside fusedce.cross_entropy on the rank's shard alone (no
 collective, not the same loss: the yardstick of the memory bound). Writes results-parallel.json."""
@@ -93,9 +93,13 @@ def _rank(rank, world, port, rows, vocab, repeats, out):
     shard = logits[:, rank * local:(rank + 1) * local].contiguous()
     del logits
     runs = providers(shard, target, world)
-    for run in runs.values():  # warm-up, and the gradients agree
+    # each provider's calls in a block of their own, after a warm-up call: interleaved call by call, a
+    # call after the gathering providers' GBs of frees ran 3-4x slower (fusedce on its own shard at
+    # [4096, 16000]: 85-95 ms a call beside the vocab-parallel loss alone, 340 ms beside all three)
+    seconds = {}
+    for name, run in runs.items():
         run()
-    seconds = time_calls(runs, repeats, before=dist.barrier)
+        seconds.update(time_calls({name: run}, repeats, before=dist.barrier))
     record = {}
     for name, run in runs.items():
         with CountBytes() as counted:
