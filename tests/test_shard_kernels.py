@@ -258,3 +258,29 @@ def test_shards_reproduce_the_whole_row(backend, classes, widths, dtype, case):
                                     Shard(a, classes)) for a, n in zip(starts, widths)]
     whole = kernels.backward(grad_loss, logits, target, weight, whole_lse, opts)
     assert_close(torch.cat(parts, 1), whole, dtype, scale=gradient_scale(whole.double(), rows))
+
+
+def test_cpu_rows_spread_over_threads():
+    """The CPU kernels' row pool: enough work for several threads gives what one thread gives, bit for bit
+    (each row is one thread's), and the reference's values."""
+    kernels = backend_for("cpu", torch.float32)
+    case = CASES["everything"]
+    opts, shard = options(case), Shard(1000, 9000)
+    logits, target, weight = make_inputs(512, 9000, torch.float32, "cpu", case)
+    x, t, w = shard_of(logits, target, weight, 1000, 5000)
+    lse, k = global_lse_and_mass(logits, target, weight, opts)
+    grad_loss = torch.rand(512)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            results.append((kernels.shard_states(x, t, w, opts, shard),
+                            kernels.shard_backward(grad_loss, x, t, w, lse.float(), k.float(), opts, shard)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, many in zip(*results):
+        assert torch.equal(one, many)
+    assert_close(results[1][0], reference_states(x, t, w, opts, 9000), torch.float32)
+    expected = reference_shard_gradient(grad_loss, x, t, w, lse.float(), k.float(), opts, shard)
+    assert_close(results[1][1], expected, torch.float32, scale=gradient_scale(expected, 512))

@@ -84,10 +84,9 @@ def _columns(start, K: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _coefficients(target_row, weight_ptr, cols, mask, classes, label_smoothing,
+def _coefficients(target_row, weight_ptr, cols, mask, smooth, label_smoothing,
                   SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, MASKED: tl.constexpr):
-    """c_j for a block of columns, without the (1 - eps) w_t [j == t] term; 0 where masked."""
-    smooth = label_smoothing / classes
+    """c_j for a block of columns, without the (1 - eps) w_t [j == t] term (smooth = eps / V); 0 where masked."""
     if SOFT:
         if MASKED:
             q = tl.load(target_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -107,7 +106,7 @@ def _coefficients(target_row, weight_ptr, cols, mask, classes, label_smoothing,
 
 
 @triton.jit
-def _forward_block(logits_row, target_row, weight_ptr, start, V, classes, label_smoothing, softcap, m, top, rest, cx, k,
+def _forward_block(logits_row, target_row, weight_ptr, start, V, smooth, label_smoothing, softcap, m, top, rest, cx, k,
                    SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_C: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    MASKED: tl.constexpr, K: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
     """Adds one block to the per-thread states (m, top, rest, cx, k: [THREADS] each): one rebase per thread and
@@ -128,7 +127,7 @@ def _forward_block(logits_row, target_row, weight_ptr, start, V, classes, label_
     rest = rest * scale + tl.where(grew, top * scale, 0.0)
     top = tl.where(grew, 0.0, top)
     if HAS_C:  # cx = sum_j c_j (x'_j - m), re-expressed relative to the new max
-        c = _coefficients(target_row, weight_ptr, cols, mask, classes, label_smoothing, SOFT, HAS_WEIGHT, MASKED)
+        c = _coefficients(target_row, weight_ptr, cols, mask, smooth, label_smoothing, SOFT, HAS_WEIGHT, MASKED)
         cx = tl.where(k != 0, cx - k * (m_new - m), cx)
     d = x - m_new[None, :, None]
     # s = top + rest: top counts the terms exp(x' - m) = 1, rest sums the others, so the tiny terms of a confident
@@ -146,7 +145,7 @@ def _forward_block(logits_row, target_row, weight_ptr, start, V, classes, label_
 
 
 @triton.jit
-def _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, classes, label_smoothing, softcap,
+def _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, smooth, label_smoothing, softcap,
                     shift, gcs, g, SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_C: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, K: tl.constexpr, THREADS: tl.constexpr,
                     VEC: tl.constexpr):
@@ -163,7 +162,7 @@ def _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, c
     xc = _capped(x, softcap, HAS_SOFTCAP)
     d = tl.exp2((xc - shift) * LOG2E) * gcs
     if HAS_C:
-        d -= _coefficients(target_row, weight_ptr, cols, mask, classes, label_smoothing, SOFT, HAS_WEIGHT, MASKED) * g
+        d -= _coefficients(target_row, weight_ptr, cols, mask, smooth, label_smoothing, SOFT, HAS_WEIGHT, MASKED) * g
     if HAS_SOFTCAP:
         y = xc * (1.0 / softcap)
         d = d * (1.0 - y * y)
@@ -186,18 +185,18 @@ def _zero_block(dlogits_row, start, V, MASKED: tl.constexpr, K: tl.constexpr, TH
 
 
 @triton.jit
-def _coefficient_sum(target_row, weight_ptr, V, classes, label_smoothing, HAS_WEIGHT: tl.constexpr,
+def _coefficient_sum(target_row, weight_ptr, V, smooth, label_smoothing, HAS_WEIGHT: tl.constexpr,
                      BLOCK_V: tl.constexpr, K: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
     """sum_j c_j of probability targets (the backward without the forward)."""
     k = tl.zeros([THREADS], tl.float32)
     full = V // BLOCK_V * BLOCK_V
     for start in range(0, full, BLOCK_V):
         cols = _columns(start, K, THREADS, VEC)
-        c = _coefficients(target_row, weight_ptr, cols, cols < V, classes, label_smoothing, True, HAS_WEIGHT, False)
+        c = _coefficients(target_row, weight_ptr, cols, cols < V, smooth, label_smoothing, True, HAS_WEIGHT, False)
         k += tl.sum(tl.sum(c, axis=2), axis=0)
     if full < V:
         cols = _columns(full, K, THREADS, VEC)
-        c = _coefficients(target_row, weight_ptr, cols, cols < V, classes, label_smoothing, True, HAS_WEIGHT, True)
+        c = _coefficients(target_row, weight_ptr, cols, cols < V, smooth, label_smoothing, True, HAS_WEIGHT, True)
         k += tl.sum(tl.sum(c, axis=2), axis=0)
     return tl.sum(k, axis=0)
 
@@ -230,6 +229,7 @@ def cross_entropy_kernel(
 ):
     K: tl.constexpr = BLOCK_V // (THREADS * VEC)
     HAS_C: tl.constexpr = SOFT or HAS_SMOOTHING
+    smooth = label_smoothing / classes  # eps / V
     full = V // BLOCK_V * BLOCK_V  # columns in whole blocks: those loops need no mask
     # a grid smaller than the rows (the fused mode bounds the rows in flight) loops over them
     for row in range(tl.program_id(0).to(tl.int64), rows, tl.num_programs(0)):  # int64 offsets
@@ -254,7 +254,7 @@ def cross_entropy_kernel(
             x_t = _capped(tl.load(logits_row + t).to(tl.float32), softcap, HAS_SOFTCAP)
         keep = 1.0 - label_smoothing
         w_t = tl.load(weight_ptr + t).to(tl.float32) if HAS_WEIGHT and not SOFT else 1.0
-        c_t = label_smoothing / classes * w_t if HAS_SMOOTHING else 0.0  # c_t without the target's own term
+        c_t = smooth * w_t if HAS_SMOOTHING else 0.0  # c_t without the target's own term
 
         k = 0.0  # sum_j c_j
         log_s = 0.0
@@ -266,11 +266,11 @@ def cross_entropy_kernel(
             k_t = tl.zeros([THREADS], tl.float32)
             for start in range(0, full, BLOCK_V):
                 m, top, rest, cx_t, k_t = _forward_block(
-                    logits_row, target_row, weight_ptr, start, V, classes, label_smoothing, softcap, m, top, rest,
+                    logits_row, target_row, weight_ptr, start, V, smooth, label_smoothing, softcap, m, top, rest,
                     cx_t, k_t, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, False, K, THREADS, VEC)
             if full < V:
                 m, top, rest, cx_t, k_t = _forward_block(
-                    logits_row, target_row, weight_ptr, full, V, classes, label_smoothing, softcap, m, top, rest,
+                    logits_row, target_row, weight_ptr, full, V, smooth, label_smoothing, softcap, m, top, rest,
                     cx_t, k_t, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, True, K, THREADS, VEC)
             # the threads' states merged, once per row
             m_row = tl.max(m, axis=0)
@@ -314,11 +314,11 @@ def cross_entropy_kernel(
                 k = tl.load(target_mass_ptr + row)
             elif SOFT:
                 if not FORWARD:  # K needs one pass over the targets
-                    k = _coefficient_sum(target_row, weight_ptr, V, classes, label_smoothing, HAS_WEIGHT, BLOCK_V, K,
+                    k = _coefficient_sum(target_row, weight_ptr, V, smooth, label_smoothing, HAS_WEIGHT, BLOCK_V, K,
                                          THREADS, VEC)
             else:
                 w_sum = tl.load(weight_sum_ptr).to(tl.float32) if HAS_WEIGHT else V * 1.0
-                k = keep * w_t + label_smoothing / V * w_sum
+                k = keep * w_t + smooth * w_sum
                 g = tl.where(bad_target, float("nan"), g)
             coef = k + 2.0 * z_loss * lse
             gcs = g * coef * tl.exp(-log_s)  # 1 / s
@@ -329,10 +329,10 @@ def cross_entropy_kernel(
                     _zero_block(dlogits_row, full, V, True, K, THREADS, VEC)
             else:
                 for start in range(0, full, BLOCK_V):
-                    _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, classes, label_smoothing,
+                    _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, smooth, label_smoothing,
                                     softcap, shift, gcs, g, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, False, K, THREADS, VEC)
                 if full < V:
-                    _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, full, V, classes, label_smoothing,
+                    _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, full, V, smooth, label_smoothing,
                                     softcap, shift, gcs, g, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, True, K, THREADS, VEC)
                 if not SOFT:
                     # the target's (1-eps) w_t (p_t - 1) with expm1 (p_t ~ 1 for a confident prediction), once per row:
