@@ -131,15 +131,25 @@ def gradient_scale(expected, rows):
     return max(expected.abs().max().item(), 1.0 / rows)  # rounding is relative to the row's largest terms
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("classes,start,width", SHARDS, ids=lambda v: str(v))
-def test_shard_states(backend, classes, start, width, dtype, case):
+def shard_grid(test):
+    """Every option, dtype and shard of SHARDS."""
+    test = pytest.mark.parametrize("case", list(CASES))(test)
+    test = pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)(test)
+    return pytest.mark.parametrize("classes,start,width", SHARDS, ids=lambda v: str(v))(test)
+
+
+def shard_inputs(backend, classes, start, width, dtype, case, rows):
+    """The backend, the options and global inputs of a grid point."""
     kernels = backend_for(backend, dtype)
-    opts = options(CASES[case])
-    logits, target, weight = make_inputs(9, classes, dtype, device_of(backend), CASES[case])
+    logits, target, weight = make_inputs(rows, classes, dtype, device_of(backend), CASES[case])
     if not target.is_floating_point():
         target = shard_targets(target, classes, start, width)
+    return kernels, options(CASES[case]), logits, target, weight
+
+
+@shard_grid
+def test_shard_states(backend, classes, start, width, dtype, case):
+    kernels, opts, logits, target, weight = shard_inputs(backend, classes, start, width, dtype, case, 9)
     x, t, w = shard_of(logits, target, weight, start, width)
     states = kernels.shard_states(x, t, w, opts, Shard(start, classes))
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -159,16 +169,10 @@ def test_shard_states_do_not_read_class_targets(backend):
                                rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("dtype", DTYPES + [torch.float64], ids=str)
-@pytest.mark.parametrize("classes,start,width", SHARDS, ids=lambda v: str(v))
+@shard_grid
 def test_shard_backward(backend, classes, start, width, dtype, case):
-    kernels = backend_for(backend, dtype)
-    opts = options(CASES[case])
     rows = 9
-    logits, target, weight = make_inputs(rows, classes, dtype, device_of(backend), CASES[case])
-    if not target.is_floating_point():
-        target = shard_targets(target, classes, start, width)
+    kernels, opts, logits, target, weight = shard_inputs(backend, classes, start, width, dtype, case, rows)
     lse, k = global_lse_and_mass(logits, target, weight, opts)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     grad_loss = torch.rand(rows, device=logits.device, dtype=acc) + 0.5
@@ -254,3 +258,29 @@ def test_shards_reproduce_the_whole_row(backend, classes, widths, dtype, case):
                                     Shard(a, classes)) for a, n in zip(starts, widths)]
     whole = kernels.backward(grad_loss, logits, target, weight, whole_lse, opts)
     assert_close(torch.cat(parts, 1), whole, dtype, scale=gradient_scale(whole.double(), rows))
+
+
+def test_cpu_rows_spread_over_threads():
+    """The CPU kernels' row pool: enough work for several threads gives what one thread gives, bit for bit
+    (each row is one thread's), and the reference's values."""
+    kernels = backend_for("cpu", torch.float32)
+    case = CASES["everything"]
+    opts, shard = options(case), Shard(1000, 9000)
+    logits, target, weight = make_inputs(512, 9000, torch.float32, "cpu", case)
+    x, t, w = shard_of(logits, target, weight, 1000, 5000)
+    lse, k = global_lse_and_mass(logits, target, weight, opts)
+    grad_loss = torch.rand(512)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 4):
+            torch.set_num_threads(n)
+            results.append((kernels.shard_states(x, t, w, opts, shard),
+                            kernels.shard_backward(grad_loss, x, t, w, lse.float(), k.float(), opts, shard)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, many in zip(*results):
+        assert torch.equal(one, many)
+    assert_close(results[1][0], reference_states(x, t, w, opts, 9000), torch.float32)
+    expected = reference_shard_gradient(grad_loss, x, t, w, lse.float(), k.float(), opts, shard)
+    assert_close(results[1][1], expected, torch.float32, scale=gradient_scale(expected, 512))
