@@ -12,8 +12,8 @@ states (m_r, s_r, cx_r, k_r) (backends/__init__.py). Then:
 With S = sum, log S, lse = M + log S, CX = sum_j c_j (x'_j - M) and K = sum_j c_j, every rank computes
   loss = (1 - eps) w_t ((M - x'_t) + log S) + K log S - CX + z lse^2  (probabilities: without the first
   term), and the backward's target mass k = (1 - eps) w_t + K (probabilities: K).
-Bytes per row per rank: 4 (MAX) + 4 per column: 12 in the plain case, 16 with smoothing or
-probabilities, 20 with a class weight and smoothing."""
+Bytes per row per rank: 4 (MAX) + 4 per column: 12 in the plain case, 16 with a class weight,
+smoothing or probabilities, 20 with a class weight and smoothing."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
