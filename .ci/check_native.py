@@ -46,7 +46,8 @@ def check_cpu(C):
     none, reduced = C.REDUCTIONS.index("none"), C.REDUCTIONS.index("mean")
     C.forward(*common, none, addr(loss), fp32, addr(lse), 0, 0, 0, 0, 2)  # per-row loss and lse
     C.forward(*common, reduced, addr(mean), fp32, 0, 0, 0, 0, 0, 2)  # the mean, reduced by the kernel
-    C.backward(*common, addr(grad_loss), 1, addr(lse), addr(dlogits), vocab, 2)
+    # a whole row: class_start 0, classes vocab, no given target mass
+    C.backward(*common, 0, vocab, addr(grad_loss), 1, addr(lse), 0, addr(dlogits), vocab, 2)
     worst = 0.0
     ref_total, counted = 0.0, 0
     for r in range(rows):

@@ -29,8 +29,9 @@ SLOW_ON_CPU = {"torch-compile": "compiling takes minutes",
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    p.add_argument("--suite", choices=sorted(cases.SUITES), default="ce",
-                   help="ce: cross-entropy on logits; linear: fused linear + cross-entropy (default: ce)")
+    p.add_argument("--suite", choices=sorted(cases.SUITES) + ["parallel"], default="ce",
+                   help="ce: cross-entropy on logits; linear: fused linear + cross-entropy; parallel: the "
+                   "vocab-parallel loss over gloo (benchmarks/parallel.py: --shapes, --repeats, --out) (default: ce)")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="a small set (on a 2-core CPU: " + ", ".join(
         f"{name} under {s.quick_minutes} minutes" for name, s in sorted(cases.SUITES.items())) + ")")
@@ -205,6 +206,10 @@ def run_config(suite, shape, dtype, ops, providers, device, repeats, memory, pro
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.suite == "parallel":  # processes of its own over gloo: not the per-provider harness below
+        from . import parallel
+        return parallel.main([*(["--shape", args.shapes] if args.shapes else []), "--out", args.out,
+                              *(["--repeats", str(args.repeats)] if args.repeats else [])])
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")

@@ -138,3 +138,15 @@ def test_linear_suite_reports_flops_against_a_matmul_of_the_same_run(tmp_path):
     assert result["metric"] == ["tflops", "TFLOP/s", "matmul"] and result["peaks"]["float32"] > 0
     fwd = next(r for r in result["records"] if r["op"] == "fwd")
     assert fwd["tflops"] == pytest.approx(2 * 8 * 16 * 64 / (fwd["ms"] * 1e-3) / 1e12)
+
+
+def test_parallel_suite_counts_twelve_bytes_a_row_for_the_plain_loss(tmp_path):
+    from benchmarks import parallel
+    parallel.main(["--worlds", "2", "--shape", "64x640", "--repeats", "1", "--out", str(tmp_path)])
+    with open(tmp_path / "results-parallel.json") as f:
+        records = {r["provider"]: r for r in json.load(f)["records"]}
+    assert set(records) == {"fusedce-vocab-parallel", "gather+F.cross_entropy", "dtensor-loss_parallel",
+                            "fusedce-on-own-shard-alone"}
+    # 4 bytes (MAX) + 8 (SUM) a row, and the layout's 3 floats a rank and the target hash's 2 once
+    assert records["fusedce-vocab-parallel"]["collective_bytes_per_rank"] == 64 * 12 + (3 * 2 + 2) * 4
+    assert records["gather+F.cross_entropy"]["collective_bytes_per_rank"] == 64 * 640 * 4  # the whole logits

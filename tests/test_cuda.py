@@ -28,10 +28,12 @@ if native is not None:
 # touched: the tests below stop at the planner or at the launch checks)
 ARG_NAMES = ("logits", "logits_row_stride", "rows", "vocab", "dtype", "target", "target_is_prob",
              "target_row_stride", "target_dtype", "weight", "weight_sum", "ignore_index", "label_smoothing",
-             "z_loss", "softcap", "lse", "grad_loss", "grad_stride", "dlogits", "dlogits_row_stride")
+             "z_loss", "softcap", "lse", "grad_loss", "grad_stride", "dlogits", "dlogits_row_stride", "class_start",
+             "classes", "target_mass", "states")
 ARGS = dict(logits=1 << 20, logits_row_stride=100, rows=4, vocab=100, dtype=0, target=2 << 20, target_is_prob=False,
             target_row_stride=0, target_dtype=0, weight=0, weight_sum=0, ignore_index=-100, label_smoothing=0.0,
-            z_loss=0.0, softcap=0.0, lse=3 << 20, grad_loss=0, grad_stride=0, dlogits=0, dlogits_row_stride=0)
+            z_loss=0.0, softcap=0.0, lse=3 << 20, grad_loss=0, grad_stride=0, dlogits=0, dlogits_row_stride=0,
+            class_start=0, classes=100, target_mass=0, states=0)
 
 
 def args(**overrides):
@@ -128,6 +130,48 @@ def test_plan_follows_the_resident_threads_of_the_gpu():
     roomy = native.DeviceInfo(sms=128, threads_per_sm=1536, l2_bytes=72 << 20, regs_per_sm=1 << 17)
     assert plan(8192, 128256, 2, device=roomy).blocks == 128 * 1536 // 512
     assert plan(10000, 1000, 4, device=roomy).blocks == 128 * 1536 // 256
+
+
+def test_shard_plans():
+    """A vocabulary-parallel shard's states: a forward's layouts, never the cached ones (no gradient), every row's
+    state in the workspace; probability targets' rows split where a shard's K is given or not needed."""
+    for rows, vocab, layout in ((16384, 32000, B), (10000, 1000, W)):
+        states = plan(rows, vocab, 4, shard="states")
+        assert states.layout == layout and states.splits == 1
+        assert native.workspace_floats(rows, True, states) == rows * 5
+        assert native.workspace_floats(rows, False, states) == 0
+    split = plan(4, 262144, 2, shard="states")
+    assert native.workspace_floats(4, True, split) == 4 * split.splits * 5 and split.splits > 1
+    for shard in ("states", "backward"):
+        assert plan(4, 262144, 2, soft=True, shard=shard).splits == plan(4, 262144, 2).splits > 1
+
+
+SHARD_ARGS = dict(class_start=300, classes=1000)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="without a GPU the launch checks are all a call runs")
+@pytest.mark.parametrize("rows,vocab,soft", [(4, 262144, True), (16384, 32000, False), (1000, 1000, False)])
+def test_shard_plans_pass_the_launch_checks(rows, vocab, soft):
+    shape = dict(rows=rows, vocab=vocab, logits_row_stride=vocab, target_is_prob=soft,
+                 target_row_stride=vocab if soft else 0, weight=6 << 20, label_smoothing=0.1, **SHARD_ARGS)
+    a = args(states=9 << 20, **shape)
+    launch = native.plan(*a, False, H100)
+    with pytest.raises(RuntimeError, match="cudaGetDevice failed"):
+        native.forward(*a, launch, 0, 0, 0, 8 << 20)
+    a = args(target_mass=9 << 20, grad_loss=4 << 20, dlogits=5 << 20, dlogits_row_stride=vocab, **shape)
+    with pytest.raises(RuntimeError, match="cudaGetDevice failed"):
+        native.backward(*a, native.plan(*a, False, H100), 0, 0)
+
+
+@pytest.mark.parametrize("launch,overrides", [
+    ({}, dict(states=9 << 20)),  # its rows' states go through the workspace
+    (dict(layout=C, threads=128), dict(states=9 << 20, workspace=16, grad_loss=8)),  # no fused shard states
+    ({}, dict(states=9 << 20, workspace=16, grad_loss=8)),
+    (dict(splits=4), dict(workspace=16, target_is_prob=True, target_row_stride=100)),  # K needs the whole row
+])
+def test_bad_shard_launches_are_rejected(launch, overrides):
+    with pytest.raises(ValueError, match="invalid launch"):
+        forward_launch(launch, **overrides)
 
 
 def test_module_is_built_for_the_promised_architectures():
@@ -261,7 +305,7 @@ def test_every_plan_passes_the_launch_checks(name):
              softcap=case.get("softcap", 0.0), **(dict(grad_loss=4 << 20, dlogits=5 << 20) if fused else {}))
     launch = native.plan(*a, fused, H100)
     with pytest.raises(RuntimeError, match="cudaGetDevice failed"):
-        native.forward(*a, launch, 0, 0, 7 << 20, 8 << 20 if native.workspace_floats(rows, launch) else 0)
+        native.forward(*a, launch, 0, 0, 7 << 20, 8 << 20 if native.workspace_floats(rows, False, launch) else 0)
 
 
 def _inputs(rows, vocab, dtype, case):

@@ -8,6 +8,9 @@ Math (per row; x' = softcap(x), p = softmax(x'), lse = log sum exp x'), as in cs
   loss = K log s - sum_j c_j (x'_j - m) + z lse^2,  K = sum_j c_j, lse = m + log s (m: running max)
   dloss/dx'_j = p_j (K + 2 z lse) - c_j;  dloss/dx_j = dloss/dx'_j (1 - (x'_j / cap)^2) with a softcap
 Online update per block: m' = max(m, max(x_blk)); s' = s exp(m - m') + sum exp(x_blk - m').
+A vocabulary-parallel shard (SHARD) holds the global classes [class_start, class_start + V) of `classes`: V in
+eps/V is `classes`, its forward stops at the state (m, s, cx, k) of its columns, and its backward takes the global
+lse and K.
 
 Traffic: forward reads the logits once (S); backward reads them once and writes dlogits once (2S);
 the fused mode does both in one launch, the second read of each row served by L2 where it fits.
@@ -15,7 +18,7 @@ the fused mode does both in one launch, the second read of each row served by L2
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Optional, Tuple
+from typing import NamedTuple, Tuple
 
 import torch
 import triton
@@ -81,10 +84,9 @@ def _columns(start, K: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
 
 
 @triton.jit
-def _coefficients(target_row, weight_ptr, cols, mask, V, label_smoothing,
+def _coefficients(target_row, weight_ptr, cols, mask, smooth, label_smoothing,
                   SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, MASKED: tl.constexpr):
-    """c_j for a block of columns, without the (1 - eps) w_t [j == t] term; 0 where masked."""
-    smooth = label_smoothing / V
+    """c_j for a block of columns, without the (1 - eps) w_t [j == t] term (smooth = eps / V); 0 where masked."""
     if SOFT:
         if MASKED:
             q = tl.load(target_row + cols, mask=mask, other=0.0).to(tl.float32)
@@ -104,7 +106,7 @@ def _coefficients(target_row, weight_ptr, cols, mask, V, label_smoothing,
 
 
 @triton.jit
-def _forward_block(logits_row, target_row, weight_ptr, start, V, label_smoothing, softcap, m, top, rest, cx, k,
+def _forward_block(logits_row, target_row, weight_ptr, start, V, smooth, label_smoothing, softcap, m, top, rest, cx, k,
                    SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_C: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    MASKED: tl.constexpr, K: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
     """Adds one block to the per-thread states (m, top, rest, cx, k: [THREADS] each): one rebase per thread and
@@ -125,7 +127,7 @@ def _forward_block(logits_row, target_row, weight_ptr, start, V, label_smoothing
     rest = rest * scale + tl.where(grew, top * scale, 0.0)
     top = tl.where(grew, 0.0, top)
     if HAS_C:  # cx = sum_j c_j (x'_j - m), re-expressed relative to the new max
-        c = _coefficients(target_row, weight_ptr, cols, mask, V, label_smoothing, SOFT, HAS_WEIGHT, MASKED)
+        c = _coefficients(target_row, weight_ptr, cols, mask, smooth, label_smoothing, SOFT, HAS_WEIGHT, MASKED)
         cx = tl.where(k != 0, cx - k * (m_new - m), cx)
     d = x - m_new[None, :, None]
     # s = top + rest: top counts the terms exp(x' - m) = 1, rest sums the others, so the tiny terms of a confident
@@ -143,8 +145,8 @@ def _forward_block(logits_row, target_row, weight_ptr, start, V, label_smoothing
 
 
 @triton.jit
-def _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, label_smoothing, softcap, shift,
-                    gcs, g, SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_C: tl.constexpr,
+def _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, smooth, label_smoothing, softcap,
+                    shift, gcs, g, SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_C: tl.constexpr,
                     HAS_SOFTCAP: tl.constexpr, MASKED: tl.constexpr, K: tl.constexpr, THREADS: tl.constexpr,
                     VEC: tl.constexpr):
     """Stores g (p_j (K + 2 z lse) - c_j) (times the softcap's derivative) for one block. p_j = exp(x'_j - shift) / s:
@@ -160,7 +162,7 @@ def _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, l
     xc = _capped(x, softcap, HAS_SOFTCAP)
     d = tl.exp2((xc - shift) * LOG2E) * gcs
     if HAS_C:
-        d -= _coefficients(target_row, weight_ptr, cols, mask, V, label_smoothing, SOFT, HAS_WEIGHT, MASKED) * g
+        d -= _coefficients(target_row, weight_ptr, cols, mask, smooth, label_smoothing, SOFT, HAS_WEIGHT, MASKED) * g
     if HAS_SOFTCAP:
         y = xc * (1.0 / softcap)
         d = d * (1.0 - y * y)
@@ -183,18 +185,18 @@ def _zero_block(dlogits_row, start, V, MASKED: tl.constexpr, K: tl.constexpr, TH
 
 
 @triton.jit
-def _coefficient_sum(target_row, weight_ptr, V, label_smoothing, HAS_WEIGHT: tl.constexpr, BLOCK_V: tl.constexpr,
-                     K: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
+def _coefficient_sum(target_row, weight_ptr, V, smooth, label_smoothing, HAS_WEIGHT: tl.constexpr,
+                     BLOCK_V: tl.constexpr, K: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr):
     """sum_j c_j of probability targets (the backward without the forward)."""
     k = tl.zeros([THREADS], tl.float32)
     full = V // BLOCK_V * BLOCK_V
     for start in range(0, full, BLOCK_V):
         cols = _columns(start, K, THREADS, VEC)
-        c = _coefficients(target_row, weight_ptr, cols, cols < V, V, label_smoothing, True, HAS_WEIGHT, False)
+        c = _coefficients(target_row, weight_ptr, cols, cols < V, smooth, label_smoothing, True, HAS_WEIGHT, False)
         k += tl.sum(tl.sum(c, axis=2), axis=0)
     if full < V:
         cols = _columns(full, K, THREADS, VEC)
-        c = _coefficients(target_row, weight_ptr, cols, cols < V, V, label_smoothing, True, HAS_WEIGHT, True)
+        c = _coefficients(target_row, weight_ptr, cols, cols < V, smooth, label_smoothing, True, HAS_WEIGHT, True)
         k += tl.sum(tl.sum(c, axis=2), axis=0)
     return tl.sum(k, axis=0)
 
@@ -210,38 +212,49 @@ def cross_entropy_kernel(
     lse_ptr,           # [rows] fp32 out (FORWARD) or in (backward only)
     grad_loss_ptr,     # [rows] fp32, any stride (BACKWARD)
     dlogits_ptr,       # [rows, V] out in the logits dtype (BACKWARD); may be logits_ptr
+    states_ptr,        # [rows, 4] fp32 out (SHARD and FORWARD): m, s, cx, k of the shard's columns
+    target_mass_ptr,   # [rows] fp32 (SHARD and BACKWARD): the global K
     # sizes and strides (elements)
     rows, V, logits_row_stride, target_row_stride, grad_stride, dlogits_row_stride,
+    # the global class ids of the columns, [class_start, class_start + V) of `classes` (0 and V: whole rows)
+    class_start, classes,
     # options
     ignore_index, label_smoothing, z_loss, softcap,
     # compile-time flags
     SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     FORWARD: tl.constexpr, BACKWARD: tl.constexpr,
+    SHARD: tl.constexpr,  # a shard of the rows: FORWARD stores its states (not the loss), BACKWARD takes K
     # a block is BLOCK_V columns: K x THREADS x VEC, THREADS = 32 * num_warps, VEC columns = 16 bytes
     BLOCK_V: tl.constexpr, THREADS: tl.constexpr, VEC: tl.constexpr,
 ):
     K: tl.constexpr = BLOCK_V // (THREADS * VEC)
     HAS_C: tl.constexpr = SOFT or HAS_SMOOTHING
+    smooth = label_smoothing / classes  # eps / V
     full = V // BLOCK_V * BLOCK_V  # columns in whole blocks: those loops need no mask
     # a grid smaller than the rows (the fused mode bounds the rows in flight) loops over them
     for row in range(tl.program_id(0).to(tl.int64), rows, tl.num_programs(0)):  # int64 offsets
         logits_row = logits_ptr + row * logits_row_stride
         target_row = target_ptr + row * target_row_stride
-        if SOFT:
+        if SOFT or (SHARD and FORWARD):  # a shard's states do not depend on a class-index target
             t = 0
             ignored = False
             bad_target = False
         else:
             t = tl.load(target_ptr + row)
             ignored = t == ignore_index
-            bad_target = (t != ignore_index) & ((t < 0) | (t >= V))  # NaN instead of a host-synchronising check
-            t = tl.where(ignored | bad_target, 0, t)
+            if SHARD:
+                t -= class_start  # its column here
+            elsewhere = ~ignored & ((t < 0) | (t >= V))
+            # a shard's target on another shard adds no term here; a whole row's is NaN instead of a
+            # host-synchronising check
+            bad_target = False if SHARD else elsewhere
+            t = tl.where(ignored | elsewhere, 0, t)
             # read before any thread stores a gradient (dlogits may be the logits): before the forward's
             # reductions, or the barrier below
             x_t = _capped(tl.load(logits_row + t).to(tl.float32), softcap, HAS_SOFTCAP)
         keep = 1.0 - label_smoothing
         w_t = tl.load(weight_ptr + t).to(tl.float32) if HAS_WEIGHT and not SOFT else 1.0
-        c_t = label_smoothing / V * w_t if HAS_SMOOTHING else 0.0  # c_t without the target's own term
+        c_t = smooth * w_t if HAS_SMOOTHING else 0.0  # c_t without the target's own term
 
         k = 0.0  # sum_j c_j
         log_s = 0.0
@@ -253,33 +266,41 @@ def cross_entropy_kernel(
             k_t = tl.zeros([THREADS], tl.float32)
             for start in range(0, full, BLOCK_V):
                 m, top, rest, cx_t, k_t = _forward_block(
-                    logits_row, target_row, weight_ptr, start, V, label_smoothing, softcap, m, top, rest, cx_t, k_t,
-                    SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, False, K, THREADS, VEC)
+                    logits_row, target_row, weight_ptr, start, V, smooth, label_smoothing, softcap, m, top, rest,
+                    cx_t, k_t, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, False, K, THREADS, VEC)
             if full < V:
                 m, top, rest, cx_t, k_t = _forward_block(
-                    logits_row, target_row, weight_ptr, full, V, label_smoothing, softcap, m, top, rest, cx_t, k_t,
-                    SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, True, K, THREADS, VEC)
+                    logits_row, target_row, weight_ptr, full, V, smooth, label_smoothing, softcap, m, top, rest,
+                    cx_t, k_t, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, True, K, THREADS, VEC)
             # the threads' states merged, once per row
             m_row = tl.max(m, axis=0)
             scale = tl.exp2((m - m_row) * LOG2E)
             at_top = m == m_row
             top_row = tl.sum(tl.where(at_top, top, 0.0), axis=0)
             rest_row = tl.sum(rest * scale + tl.where(at_top, 0.0, top * scale), axis=0)
-            log_s = tl.where(top_row > 0, tl.log(top_row) + _log1p(rest_row / top_row), tl.log(rest_row))
-            lse = m_row + log_s
-            loss = 0.0
+            cx = 0.0
             if HAS_C:
                 k = tl.sum(k_t, axis=0)
-                loss = k * log_s - tl.sum(tl.where(k_t != 0, cx_t - k_t * (m_row - m), 0.0), axis=0)
-            if not SOFT:  # lse - x_t as (m - x_t) + log s: exact for confident predictions where lse ~ x_t
-                loss += keep * w_t * ((m_row - x_t) + log_s)
-            loss += z_loss * lse * lse
-            if not SOFT:
-                loss = tl.where(ignored, 0.0, loss)
-                loss = tl.where(bad_target, float("nan"), loss)
-            tl.store(loss_ptr + row, loss)
-            tl.store(lse_ptr + row, lse)
-            shift = m_row
+                cx = tl.sum(tl.where(k_t != 0, cx_t - k_t * (m_row - m), 0.0), axis=0)
+            if SHARD:
+                state = states_ptr + row * 4
+                tl.store(state, m_row)
+                tl.store(state + 1, top_row + rest_row)
+                tl.store(state + 2, cx)
+                tl.store(state + 3, k)
+            else:
+                log_s = tl.where(top_row > 0, tl.log(top_row) + _log1p(rest_row / top_row), tl.log(rest_row))
+                lse = m_row + log_s
+                loss = k * log_s - cx if HAS_C else 0.0
+                if not SOFT:  # lse - x_t as (m - x_t) + log s: exact for confident predictions where lse ~ x_t
+                    loss += keep * w_t * ((m_row - x_t) + log_s)
+                loss += z_loss * lse * lse
+                if not SOFT:
+                    loss = tl.where(ignored, 0.0, loss)
+                    loss = tl.where(bad_target, float("nan"), loss)
+                tl.store(loss_ptr + row, loss)
+                tl.store(lse_ptr + row, lse)
+                shift = m_row
         else:
             lse = tl.load(lse_ptr + row)
             shift = lse
@@ -289,13 +310,15 @@ def cross_entropy_kernel(
         if BACKWARD:
             g = tl.load(grad_loss_ptr + row * grad_stride).to(tl.float32)
             dlogits_row = dlogits_ptr + row * dlogits_row_stride
-            if SOFT:
+            if SHARD:
+                k = tl.load(target_mass_ptr + row)
+            elif SOFT:
                 if not FORWARD:  # K needs one pass over the targets
-                    k = _coefficient_sum(target_row, weight_ptr, V, label_smoothing, HAS_WEIGHT, BLOCK_V, K, THREADS,
-                                         VEC)
+                    k = _coefficient_sum(target_row, weight_ptr, V, smooth, label_smoothing, HAS_WEIGHT, BLOCK_V, K,
+                                         THREADS, VEC)
             else:
                 w_sum = tl.load(weight_sum_ptr).to(tl.float32) if HAS_WEIGHT else V * 1.0
-                k = keep * w_t + label_smoothing / V * w_sum
+                k = keep * w_t + smooth * w_sum
                 g = tl.where(bad_target, float("nan"), g)
             coef = k + 2.0 * z_loss * lse
             gcs = g * coef * tl.exp(-log_s)  # 1 / s
@@ -306,11 +329,11 @@ def cross_entropy_kernel(
                     _zero_block(dlogits_row, full, V, True, K, THREADS, VEC)
             else:
                 for start in range(0, full, BLOCK_V):
-                    _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, label_smoothing, softcap,
-                                    shift, gcs, g, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, False, K, THREADS, VEC)
+                    _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, start, V, smooth, label_smoothing,
+                                    softcap, shift, gcs, g, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, False, K, THREADS, VEC)
                 if full < V:
-                    _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, full, V, label_smoothing, softcap,
-                                    shift, gcs, g, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, True, K, THREADS, VEC)
+                    _gradient_block(logits_row, dlogits_row, target_row, weight_ptr, full, V, smooth, label_smoothing,
+                                    softcap, shift, gcs, g, SOFT, HAS_WEIGHT, HAS_C, HAS_SOFTCAP, True, K, THREADS, VEC)
                 if not SOFT:
                     # the target's (1-eps) w_t (p_t - 1) with expm1 (p_t ~ 1 for a confident prediction), once per row:
                     # d_t = (1-eps) w_t expm1(delta) + p_t (coef - (1-eps) w_t) - c_t, delta = x'_t - lse
@@ -320,7 +343,8 @@ def cross_entropy_kernel(
                         y_t = x_t / softcap
                         d_t = d_t * (1.0 - y_t * y_t)
                     tl.debug_barrier()  # after every thread's store of the block that holds column t
-                    tl.store(dlogits_row + t, _rounded(d_t * g, dlogits_ptr.dtype.element_ty))
+                    tl.store(dlogits_row + t, _rounded(d_t * g, dlogits_ptr.dtype.element_ty),
+                             mask=~elsewhere if SHARD else None)
 
 
 @triton.jit
@@ -398,21 +422,24 @@ class Launch(NamedTuple):
 
 
 def cross_entropy_launch(logits, target, weight, weight_sum, opts, *, forward: bool, grad_loss=None, lse=None,
-                         dlogits=None, loss=None, device: Device = INTERPRETER) -> Launch:
+                         dlogits=None, loss=None, shard=None, states=None, target_mass=None,
+                         device: Device = INTERPRETER) -> Launch:
     """The launch cross_entropy makes for these arguments on `device` (benchmarks/sass compiles it)."""
     rows, vocab = logits.shape
     soft = target.is_floating_point()
     block, warps = launch_config(vocab, logits.element_size(), device)
     backward = dlogits is not None
-    dummy = lse if lse is not None else loss
+    dummy = next(t for t in (lse, loss, states) if t is not None)  # for the pointers a launch does not read
     args = (logits, target, weight if weight is not None else dummy, weight_sum if weight_sum is not None else dummy,
-            loss if loss is not None else dummy, lse, grad_loss if backward else dummy,
-            dlogits if backward else logits,
+            loss if loss is not None else dummy, lse if lse is not None else dummy, grad_loss if backward else dummy,
+            dlogits if backward else logits, states if states is not None else dummy,
+            target_mass if target_mass is not None else dummy,
             rows, vocab, logits.stride(0), target.stride(0) if soft else 0, grad_loss.stride(0) if backward else 0,
-            dlogits.stride(0) if backward else 0,
+            dlogits.stride(0) if backward else 0, shard.start if shard else 0, shard.classes if shard else vocab,
             opts.ignore_index, opts.label_smoothing, opts.z_loss, opts.softcap)
     meta = dict(SOFT=soft, HAS_WEIGHT=weight is not None, HAS_SMOOTHING=opts.label_smoothing > 0,
-                HAS_SOFTCAP=opts.softcap > 0, FORWARD=forward, BACKWARD=backward, BLOCK_V=block, THREADS=32 * warps,
+                HAS_SOFTCAP=opts.softcap > 0, FORWARD=forward, BACKWARD=backward, SHARD=shard is not None,
+                BLOCK_V=block, THREADS=32 * warps,
                 VEC=16 // logits.element_size(), num_warps=warps,
                 enable_fp_fusion=True)  # pinned: Triton 3.10 turns FMA contraction off by default
     programs = fused_programs(rows, vocab * logits.element_size(), device) if forward and backward else rows
@@ -420,14 +447,16 @@ def cross_entropy_launch(logits, target, weight, weight_sum, opts, *, forward: b
 
 
 def cross_entropy(logits, target, weight, weight_sum, opts, *, forward: bool, grad_loss=None, lse=None,
-                  dlogits=None, loss=None):
+                  dlogits=None, loss=None, shard=None, states=None, target_mass=None):
     """Launches cross_entropy_kernel over the rows. forward: writes loss and lse (fp32, [rows]); with
     dlogits (and grad_loss) also the gradient, either in the same launch (forward=True, the fused
-    mode) or from a given lse (forward=False)."""
+    mode) or from a given lse (forward=False). With a shard (options.Shard): forward writes the shard's
+    states ([rows, 4] fp32) instead, and the backward (forward=False) takes the global K, target_mass."""
     if logits.shape[0] == 0:
         return
     launch = cross_entropy_launch(logits, target, weight, weight_sum, opts, forward=forward, grad_loss=grad_loss,
-                                  lse=lse, dlogits=dlogits, loss=loss, device=device_of(logits.device))
+                                  lse=lse, dlogits=dlogits, loss=loss, shard=shard, states=states,
+                                  target_mass=target_mass, device=device_of(logits.device))
     _traceable(launch.kernel)[launch.grid](*launch.args, **launch.meta)
 
 

@@ -200,9 +200,18 @@ void cross_entropy_forward(CrossEntropyArgs a, ForwardOut out, const BackwardIO*
   store_scalar(out.loss, out.loss_dtype, out.reduction == kMean ? total / denominator : total);
 }
 
+void cross_entropy_shard_states(const CrossEntropyArgs& a, void* states, int num_threads) {
+  ForwardOut out{nullptr, nullptr};
+  out.states = states;
+  const KernelTable& t = table();
+  run_rows(a, 1, num_threads, [&](int64_t b, int64_t e) { t.forward_rows(a, out, nullptr, b, e); });
+}
+
 void cross_entropy_backward(CrossEntropyArgs a, BackwardIO io, int num_threads) {
-  check_targets(a);
-  a.weight_sum = weight_sum(a);
+  if (!io.target_mass) {  // a shard's targets may be on other shards, and it is given K
+    check_targets(a);
+    a.weight_sum = weight_sum(a);
+  }
   io = with_store_mode(io, a);
   const KernelTable& t = table();
   run_rows(a, 2, num_threads, [&](int64_t b, int64_t e) { t.backward_rows(a, io, b, e); });

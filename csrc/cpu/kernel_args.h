@@ -25,6 +25,11 @@ struct CrossEntropyArgs {
   // optional class weight: vocab entries in the accumulation type (double for fp64 logits, else float)
   const void* weight = nullptr;
   double weight_sum = 0;  // sum of the class weights (vocab when there are none); set by the dispatcher
+  // vocabulary-parallel shard: the columns are the global classes [class_start, class_start + vocab) of
+  // `classes`; class-index targets are global ids (one outside the shard adds no term here). A whole row:
+  // 0 and vocab.
+  int64_t class_start = 0;
+  int64_t classes = 0;
   // options
   int64_t ignore_index = -100;
   double label_smoothing = 0;
@@ -38,6 +43,8 @@ struct ForwardOut {
   void* lse;           // rows, or null when not wanted
   int reduction = kNone;
   int loss_dtype = kFloat32;
+  // rows x 4 (m, s, cx, k): a shard's softmax states instead of loss and lse (see forward_row)
+  void* states = nullptr;
 };
 
 struct BackwardIO {
@@ -49,6 +56,8 @@ struct BackwardIO {
   void* dlogits;          // rows x vocab in the logits dtype, unit stride along the vocabulary
   int64_t dlogits_row_stride;
   bool streaming = false;  // non-temporal stores for dlogits; set by the dispatcher (see with_store_mode)
+  // rows: the global target mass k = sum of c_j over every shard (a shard's backward); null: from the row
+  const void* target_mass = nullptr;
 };
 
 }  // namespace fusedce

@@ -11,6 +11,9 @@
 //   with lse = m + log s, so no term subtracts two large numbers
 //   dloss/dx'_j = p_j (K + 2 z lse) - c_j
 //   dloss/dx_j  = dloss/dx'_j * (1 - (x'_j / cap)^2)                     (d/dx cap tanh(x/cap))
+// A vocabulary-parallel shard (CrossEntropyArgs::class_start, classes) holds some of the columns j: V in
+// eps/V is the global class count, its forward stops at the state (m, s, cx, k) of its columns (the
+// caller merges the shards' states), and its backward takes the global lse and K.
 // The online pass keeps the running max m and s = sum exp(x' - m) per block:
 //   m' = max(m, max(x_blk)); s' = s exp(m - m') + sum exp(x_blk - m')
 // and sum c (x' - m), shifted the same way, so the smoothing term never subtracts two large numbers.
@@ -151,7 +154,7 @@ template <typename Acc>
 struct RowContext {
   const CrossEntropyArgs& a;
   int64_t row;
-  int64_t t;   // class index, or -1 for probability targets
+  int64_t t;   // the target's column: -1 for probability targets, or a target not among these columns
   bool has_c;  // whether the per-class coefficients c_j are needed (smoothing or probabilities)
   Acc smooth;  // eps / V
 };
@@ -189,7 +192,7 @@ template <typename Acc>
 inline void load_coef_block(const RowContext<Acc>& ctx, int64_t begin, int64_t n, Acc* dst) {
   const CrossEntropyArgs& a = ctx.a;
   const Acc* w = a.weight ? static_cast<const Acc*>(a.weight) + begin : nullptr;
-  if (ctx.t < 0) {  // probabilities: c = w ((1 - eps) q + eps / V)
+  if (!a.target_index) {  // probabilities: c = w ((1 - eps) q + eps / V)
     load_block(offset(a.target_prob, a.target_dtype, ctx.row * a.target_row_stride + begin), a.target_dtype, n,
                dst);
     const Acc keep = Acc(1 - a.label_smoothing);
@@ -233,15 +236,18 @@ inline Acc log_top_plus_rest(Acc n, Acc r) {
 }
 
 // after_block() runs after each block (the fused mode advances the previous row's gradient there).
+// With out.states, the row's state (m, s = top + rest, cx, k) instead of its loss and lse: c_j does not
+// depend on a class-index target, which is then not read.
 template <typename Acc, typename AfterBlock>
 RowStats<Acc> forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int64_t row, Acc* xbuf, Acc* cbuf,
                           RowCache<Acc>* cache, const AfterBlock& after_block) {
   using V = typename Vec<Acc>::V;
   const int lanes = Vec<Acc>::kLanes;
-  const int64_t t = a.target_index ? a.target_index[row] : -1;
-  const bool ignored = a.target_index && t == a.ignore_index;
+  const bool read_target = a.target_index && !out.states;
+  const int64_t t = read_target ? a.target_index[row] : -1;
+  const bool ignored = read_target && t == a.ignore_index;
   const bool has_c = (!a.target_index || a.label_smoothing > 0) && !ignored;
-  const RowContext<Acc> ctx{a, row, t, has_c, Acc(a.label_smoothing / double(a.vocab))};
+  const RowContext<Acc> ctx{a, row, t, has_c, Acc(a.label_smoothing / double(a.classes))};
 
   Acc m = std::numeric_limits<Acc>::lowest();  // finite, so (-inf) - m is -inf, never NaN
   // s = top + rest: `top` counts the terms exp(x' - m) = 1 (x' = m), `rest` sums the others, so the
@@ -296,6 +302,11 @@ RowStats<Acc> forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int6
   }
   // lse - x_t as (m - x_t) + log s: exact for the confident predictions where lse ~ x_t
   const Acc log_s = log_top_plus_rest(top, rest), lse = m + log_s;
+  if (out.states) {
+    Acc* state = static_cast<Acc*>(out.states) + 4 * row;
+    state[0] = m, state[1] = top + rest, state[2] = cx, state[3] = k;
+    return {m, log_s};
+  }
   Acc loss = 0;
   if (!ignored) {
     loss = k * log_s - cx;
@@ -314,7 +325,8 @@ RowStats<Acc> forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int6
 
 // The gradient pass of one row, prepared once and then run a block at a time, so that the fused mode
 // can interleave it with the next row's forward pass (reads and writes of memory then overlap).
-// cache and stats come from the fused forward of the same row; without them p = exp(x' - lse).
+// cache and stats come from the fused forward of the same row; without them p = exp(x' - lse). A shard's
+// row (io.target_mass: the global K) has the target element only where the target is one of its columns.
 template <typename Acc>
 struct GradRow {
   const CrossEntropyArgs* a;
@@ -332,17 +344,22 @@ GradRow<Acc> prepare_grad_row(const CrossEntropyArgs& a, const BackwardIO& io, i
                               const RowCache<Acc>* cache, const RowStats<Acc>* stats) {
   using V = typename Vec<Acc>::V;
   const int lanes = Vec<Acc>::kLanes;
-  const int64_t t = a.target_index ? a.target_index[row] : -1;
+  const int64_t target = a.target_index ? a.target_index[row] : -1;
+  const bool ignored = a.target_index && target == a.ignore_index;
+  const int64_t local = target - a.class_start;
+  const int64_t t = a.target_index && !ignored && local >= 0 && local < a.vocab ? local : -1;
   const bool has_c = !a.target_index || a.label_smoothing > 0;
-  GradRow<Acc> s{&a, &io, RowContext<Acc>{a, row, t, has_c, Acc(a.label_smoothing / double(a.vocab))}, cache,
-                 stats ? *stats : RowStats<Acc>{}, stats != nullptr, a.target_index && t == a.ignore_index,
+  GradRow<Acc> s{&a, &io, RowContext<Acc>{a, row, t, has_c, Acc(a.label_smoothing / double(a.classes))}, cache,
+                 stats ? *stats : RowStats<Acc>{}, stats != nullptr, ignored,
                  static_cast<const Acc*>(io.grad_loss)[row * io.grad_stride], static_cast<const Acc*>(io.lse)[row],
                  Acc(1 - a.label_smoothing), Acc(0), Acc(0),
                  static_cast<char*>(io.dlogits) + row * io.dlogits_row_stride * element_size(a.dtype)};
   if (s.ignored) return s;
+  if (t >= 0) s.wt = a.weight ? static_cast<const Acc*>(a.weight)[t] : Acc(1);
   Acc k = 0;  // sum c
-  if (t >= 0) {
-    s.wt = a.weight ? static_cast<const Acc*>(a.weight)[t] : Acc(1);
+  if (io.target_mass) {
+    k = static_cast<const Acc*>(io.target_mass)[row];
+  } else if (a.target_index) {  // the whole row: its target is one of the columns (dispatch.cpp checks)
     k = s.keep * s.wt + s.ctx.smooth * Acc(a.weight_sum);
   } else {  // probabilities: one extra pass over the targets for k
     for (int64_t begin = 0; begin < a.vocab; begin += kBlock) {

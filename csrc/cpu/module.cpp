@@ -38,6 +38,7 @@ CrossEntropyArgs make_args(uintptr_t logits, int64_t logits_row_stride, int64_t 
   a.label_smoothing = label_smoothing;
   a.z_loss = z_loss;
   a.softcap = softcap;
+  a.classes = vocab;
   return a;
 }
 
@@ -62,13 +63,27 @@ void forward(FUSEDCE_ARGS, int reduction, uintptr_t loss, int loss_dtype, uintpt
   fusedce::cross_entropy_forward(a, out, dlogits ? &io : nullptr, num_threads);
 }
 
-void backward(FUSEDCE_ARGS, uintptr_t grad_loss, int64_t grad_stride, uintptr_t lse, uintptr_t dlogits,
-              int64_t dlogits_row_stride, int num_threads) {
+// class_start, classes, target_mass: a vocabulary-parallel shard's backward (the global classes
+// [class_start, class_start + vocab) of `classes`, the global K per row); 0, vocab, 0 for a whole row.
+void backward(FUSEDCE_ARGS, int64_t class_start, int64_t classes, uintptr_t grad_loss, int64_t grad_stride,
+              uintptr_t lse, uintptr_t target_mass, uintptr_t dlogits, int64_t dlogits_row_stride, int num_threads) {
   CrossEntropyArgs a = make_args(FUSEDCE_ARG_VALUES);
+  a.class_start = class_start;
+  a.classes = classes;
   BackwardIO io{ptr<void>(grad_loss), grad_stride, ptr<void>(lse), reinterpret_cast<void*>(dlogits),
                 dlogits_row_stride};
+  io.target_mass = ptr<void>(target_mass);
   py::gil_scoped_release release;
   fusedce::cross_entropy_backward(a, io, num_threads);
+}
+
+// A shard's softmax states (rows x 4, the accumulation type) of `classes` classes in all (where its columns
+// start does not matter: c_j does not depend on the target).
+void shard_states(FUSEDCE_ARGS, int64_t classes, uintptr_t states, int num_threads) {
+  CrossEntropyArgs a = make_args(FUSEDCE_ARG_VALUES);
+  a.classes = classes;
+  py::gil_scoped_release release;
+  fusedce::cross_entropy_shard_states(a, reinterpret_cast<void*>(states), num_threads);
 }
 
 // weight: in the accumulation type of `dtype` (the logits' dtype code), or 0.
@@ -95,5 +110,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("isa", &fusedce::cpu_isa, "instruction set the kernels were dispatched to");
   m.def("forward", &forward);
   m.def("backward", &backward);
+  m.def("shard_states", &shard_states);
   m.def("mean_denominator", &mean_denominator);
 }

@@ -11,6 +11,9 @@
 //   dloss/dx'_j = p_j (K + 2 z lse) - c_j;  dloss/dx_j = dloss/dx'_j (1 - (x'_j / cap)^2) with a softcap
 // Online update: m' = max(m, max(x_pack)); s' = s exp(m - m') + sum exp(x_pack - m'). Each thread keeps
 // its own (m, s) over the elements it reads; the states merge by the same rule across the row.
+// A vocabulary-parallel shard (Params::states, target_mass) holds some of a row's columns: V in eps/V is
+// the global class count, its forward stops at the merged state of its columns (the split rows' path, with
+// the merged state stored instead of the loss), and its backward takes the global lse and K.
 //
 // Traffic: the forward reads the logits once (S); the backward reads them once and writes dlogits once
 // (2S); the fused mode does both in one launch, its second read of a row served by the registers
@@ -268,10 +271,14 @@ __device__ __forceinline__ float tanh_accurate(float y) {
 
 // GENERAL = false compiles the common case (class-index targets, no weight, no smoothing, no softcap)
 // without the code of the others; z_loss costs a few flops per row and is always handled.
-template <bool GENERAL>
+// SHARDS = false: whole rows only (the cached layouts), without the per-row code of a shard's rows.
+template <bool GENERAL, bool SHARDS = true>
 struct RowMath {
   const Params& p;
-  bool soft = false, has_c = false, ignored = false, bad = false;
+  bool soft = false, has_c = false, ignored = false;
+  // the target is not one of these columns: out of range (a NaN loss and gradient instead of a
+  // host-synchronising check), or on another shard (no term here, and no error)
+  bool elsewhere = false;
   int t = 0;
   const char* prob = nullptr;  // this row's probabilities (soft)
   float eps = 0.f, smooth = 0.f, w_t = 1.f;
@@ -282,17 +289,17 @@ struct RowMath {
     if (GENERAL) {
       soft = p.target_prob != nullptr;
       eps = p.label_smoothing;
-      smooth = eps / float(p.vocab);
+      smooth = eps / float(p.classes);
       has_c = soft || eps > 0.f;
     }
     if (soft) {
       const int es = p.target_dtype == kFloat32 ? 4 : 2;
       prob = static_cast<const char*>(p.target_prob) + row * p.target_row_stride * es;
     } else {
-      const int64_t target = p.target_index[row];
+      const int64_t target = p.target_index[row], local = SHARDS ? target - p.class_start : target;
       ignored = target == p.ignore_index;
-      bad = !ignored && (target < 0 || target >= p.vocab);  // NaN instead of a host-synchronising check
-      t = ignored || bad ? 0 : int(target);
+      elsewhere = !ignored && (local < 0 || local >= p.vocab);
+      t = ignored || elsewhere ? 0 : int(local);
       if (GENERAL && p.weight) w_t = p.weight[t];
     }
   }
@@ -363,7 +370,7 @@ struct RowMath {
     if (!soft) loss += (1.f - eps) * w_t * ((s.m - x_t) + log_s);
     loss += p.z_loss * lse * lse;
     if (ignored) loss = 0.f;
-    if (bad) loss = __int_as_float(0x7fc00000);  // NaN
+    if (elsewhere) loss = __int_as_float(0x7fc00000);  // NaN (a shard's forward stops at its states)
     return loss;
   }
 
@@ -371,10 +378,12 @@ struct RowMath {
   __device__ void begin_gradient(int64_t row, float lse, float k_soft) {
     g = p.grad_loss[row * p.grad_stride];
     float k = k_soft;
-    if (!soft) {
+    if (SHARDS && p.target_mass) {  // a shard's row: the global K
+      k = p.target_mass[row];
+    } else if (!soft) {
       const float w_sum = GENERAL && p.weight ? *p.weight_sum : float(p.vocab);
       k = (1.f - eps) * w_t + smooth * w_sum;
-      if (bad) g = __int_as_float(0x7fc00000);
+      if (elsewhere) g = __int_as_float(0x7fc00000);
     }
     coef = k + 2.f * p.z_loss * lse;
     gc = g * coef;
@@ -491,8 +500,8 @@ struct Span {
 // ---- kernels ------------------------------------------------------------------------------------------
 
 // The gradient of the elements f got from Span::for_each, stored: single elements, or 16-byte packs.
-template <typename T, int VEC, bool GENERAL, typename Column, int N>
-__device__ __forceinline__ void store_gradient(const RowMath<GENERAL>& r, T* d_row, Column column,
+template <typename T, int VEC, bool GENERAL, bool SHARDS, typename Column, int N>
+__device__ __forceinline__ void store_gradient(const RowMath<GENERAL, SHARDS>& r, T* d_row, Column column,
                                                const float (&x)[N], float shift, float log_s) {
   float d[N];
   r.gradient(x, column, shift, log_s, d);
@@ -523,7 +532,8 @@ __global__ void __launch_bounds__(1024) row_kernel(Params p, int runtime_passes)
   // 16-byte packs in flight per thread; the general kernels' per-element work needs the registers
   constexpr int kBatch = GENERAL ? 1 : 4;
   const int passes = PASSES ? PASSES : runtime_passes;
-  const bool forward = passes & (kForward | kPartial), partial = forward && gridDim.y > 1;
+  // partial: the forward of a split row, or a shard's forward (its states merge in finalize_kernel too)
+  const bool forward = passes & (kForward | kPartial), partial = forward && (gridDim.y > 1 || p.states);
   const int rank = G::rank(), size = G::size();
   const Segment seg(int(p.vocab), int(gridDim.y), int(blockIdx.y));
 
@@ -550,7 +560,7 @@ __global__ void __launch_bounds__(1024) row_kernel(Params p, int runtime_passes)
       k_soft = s.k;
     } else {
       shift = p.lse[row];
-      if (GENERAL && r.soft) {
+      if (GENERAL && r.soft && !p.target_mass) {
         State s;
         s.k = r.k_sum(rank, size);
         k_soft = G::template reduce<true>(s).k;
@@ -566,7 +576,7 @@ __global__ void __launch_bounds__(1024) row_kernel(Params p, int runtime_passes)
     }
     span.template for_each<kBatch>(
         x_row, rank, size, [&](auto column, auto& x) { store_gradient<T, VEC>(r, d_row, column, x, shift, log_s); });
-    if (!r.soft && seg.c0 <= r.t && r.t < seg.c1) {
+    if (!r.soft && !r.elsewhere && seg.c0 <= r.t && r.t < seg.c1) {
       G::sync();  // after the store of the target's column by whichever thread had it
       if (rank == 0) d_row[r.t] = from_float<T>(r.target_gradient(x_t, shift, log_s));
     }
@@ -628,7 +638,7 @@ __global__ void __launch_bounds__(kCachedThreads) cached_row_kernel(Params p) {
   for (int64_t row = blockIdx.x; row < p.rows; row += gridDim.x, parity ^= 1) {
     const T* x_row = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
     T* d_row = static_cast<T*>(p.dlogits) + row * p.dlogits_row_stride;
-    RowMath<GENERAL> r(p, row);
+    RowMath<GENERAL, false> r(p, row);
     const Span<T, VEC> span(x_row, seg.c0, seg.c1);
     // for the loss (the first block) and the target's gradient (the block whose segment holds it); read
     // before any thread stores (in place), in a cluster before the barrier that precedes every block's stores
@@ -702,7 +712,8 @@ __global__ void __launch_bounds__(kCachedThreads) cached_row_kernel(Params p) {
 #endif
 }
 
-// Split rows: merges the segments' states of each row (a warp per row) into its loss and lse.
+// Split rows: merges the segments' states of each row (a warp per row) into its loss and lse, or a shard's
+// into its state (m, s, cx, k).
 template <typename T, bool GENERAL>
 __global__ void finalize_kernel(Params p, int splits) {
   const int lane = threadIdx.x % 32;
@@ -711,6 +722,13 @@ __global__ void finalize_kernel(Params p, int splits) {
   State s;
   for (int i = lane; i < splits; i += 32) s.merge(State::load_from(p.workspace + (row * splits + i) * kStateFloats));
   s = warp_merge<GENERAL>(s);
+  if (p.states) {
+    if (lane == 0) {
+      float* state = p.states + row * 4;
+      state[0] = s.m, state[1] = s.top + s.rest, state[2] = s.cx, state[3] = s.k;
+    }
+    return;
+  }
   const RowMath<GENERAL> r(p, row);
   const T* x_row = static_cast<const T*>(p.logits) + row * p.logits_row_stride;
   const float x_t = r.soft ? 0.f : r.cap(to_float(x_row[r.t]));

@@ -86,7 +86,8 @@ void forward(const Params& p, const Launch& l) {
   const bool general = is_general(p);
   by_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (l.layout == kBlockPerRow && l.splits > 1) {  // segment states, merged per row, then (fused) the gradient
+    // segment states (or a shard's row states), merged per row, then (fused) the gradient
+    if ((l.layout == kBlockPerRow && l.splits > 1) || p.states) {
       launch_rows<T>(p, l, kPartial, stream, general);
       check(cudaGetLastError(), "launching the split-row forward kernel");
       launch_finalize<T>(p, l.splits, stream, general);

@@ -23,7 +23,8 @@ Params make_params(uintptr_t logits, int64_t logits_row_stride, int64_t rows, in
                    uintptr_t target, bool target_is_prob, int64_t target_row_stride, int target_dtype,
                    uintptr_t weight, uintptr_t weight_sum, int64_t ignore_index, double label_smoothing, double z_loss,
                    double softcap, uintptr_t lse, uintptr_t grad_loss, int64_t grad_stride, uintptr_t dlogits,
-                   int64_t dlogits_row_stride) {
+                   int64_t dlogits_row_stride, int64_t class_start, int64_t classes, uintptr_t target_mass,
+                   uintptr_t states) {
   Params p;
   p.logits = ptr<const void>(logits);
   p.logits_row_stride = logits_row_stride;
@@ -45,6 +46,10 @@ Params make_params(uintptr_t logits, int64_t logits_row_stride, int64_t rows, in
   p.grad_stride = grad_stride;
   p.dlogits = ptr<void>(dlogits);
   p.dlogits_row_stride = dlogits_row_stride;
+  p.class_start = class_start;
+  p.classes = classes;
+  p.target_mass = ptr<const float>(target_mass);
+  p.states = ptr<float>(states);
   return p;
 }
 
@@ -52,11 +57,12 @@ Params make_params(uintptr_t logits, int64_t logits_row_stride, int64_t rows, in
   uintptr_t logits, int64_t logits_row_stride, int64_t rows, int64_t vocab, int dtype, uintptr_t target,        \
       bool target_is_prob, int64_t target_row_stride, int target_dtype, uintptr_t weight, uintptr_t weight_sum, \
       int64_t ignore_index, double label_smoothing, double z_loss, double softcap, uintptr_t lse,              \
-      uintptr_t grad_loss, int64_t grad_stride, uintptr_t dlogits, int64_t dlogits_row_stride
+      uintptr_t grad_loss, int64_t grad_stride, uintptr_t dlogits, int64_t dlogits_row_stride, int64_t class_start, \
+      int64_t classes, uintptr_t target_mass, uintptr_t states
 #define FUSEDCE_PARAMS                                                                                    \
   make_params(logits, logits_row_stride, rows, vocab, dtype, target, target_is_prob, target_row_stride,    \
               target_dtype, weight, weight_sum, ignore_index, label_smoothing, z_loss, softcap, lse, grad_loss, \
-              grad_stride, dlogits, dlogits_row_stride)
+              grad_stride, dlogits, dlogits_row_stride, class_start, classes, target_mass, states)
 
 Launch on(Launch l, int device, uintptr_t stream) {
   l.device = device;
@@ -126,12 +132,10 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("plan", [](FUSEDCE_ARGS, bool fused, int device) {
     return cuda::plan(FUSEDCE_PARAMS, fused, cuda::device_info(device));
   });
-  m.def("workspace_floats", [](int64_t rows, const Launch& l) {
-    Params p;
-    p.rows = rows;
-    return cuda::workspace_floats(p, l);
-  }, "floats of split-row workspace a forward with this launch needs");
-  // grad_loss = 0: loss and lse only; otherwise also the gradient into dlogits (the fused mode).
+  m.def("workspace_floats", &cuda::workspace_floats,
+        "floats of workspace a forward with this launch needs (rows, states: a shard's states, launch)");
+  // grad_loss = 0: loss and lse only; otherwise also the gradient into dlogits (the fused mode). states != 0:
+  // a shard's states instead (class_start, classes, target_mass: see struct Params).
   m.def("forward", [](FUSEDCE_ARGS, const Launch& l, int device, uintptr_t stream, uintptr_t loss, uintptr_t workspace) {
     Params p = FUSEDCE_PARAMS;
     p.loss = ptr<float>(loss);

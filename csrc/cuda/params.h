@@ -20,9 +20,16 @@ struct Params {
   float* lse = nullptr;                  // [rows] out (forward) or in (backward)
   const float* grad_loss = nullptr;      // [rows] any stride (backward); null: no gradient
   void* dlogits = nullptr;               // [rows, vocab] out in the logits dtype; may be the logits
-  float* workspace = nullptr;            // [rows, splits, 5] partial softmax states (Launch::splits > 1)
+  float* workspace = nullptr;            // [rows, splits, 5] partial softmax states (Launch::splits > 1, states)
+  // a vocabulary-parallel shard: its forward writes each row's state (m, s, cx, k) of its columns, [rows, 4],
+  // instead of loss and lse; its backward takes the global K, [rows]. Null for whole rows.
+  float* states = nullptr;
+  const float* target_mass = nullptr;
   // sizes and strides, in elements
   int64_t rows = 0, vocab = 0;
+  // the columns are the global classes [class_start, class_start + vocab) of `classes` (0 and vocab: whole
+  // rows); class-index targets are global ids, and a shard's target on another shard adds no term to it
+  int64_t class_start = 0, classes = 0;
   int64_t logits_row_stride = 0, target_row_stride = 0, grad_stride = 0, dlogits_row_stride = 0;
   int dtype = kFloat32, target_dtype = kFloat32;
   // options
@@ -75,7 +82,7 @@ struct Launch {
   uintptr_t stream = 0;     // cudaStream_t of torch.cuda.current_stream()
 };
 
-// Per-row loss and lse; with p.grad_loss also the gradient (the fused mode).
+// Per-row loss and lse; with p.grad_loss also the gradient (the fused mode). With p.states, a shard's states.
 void forward(const Params& p, const Launch& l);
 // dlogits from the lse of the forward.
 void backward(const Params& p, const Launch& l);
@@ -105,8 +112,9 @@ bool is_general(const Params& p);
 bool same_phase(const Params& p);
 // The launch for p (fused: the forward also writes the gradient) on a device; see plan.cpp.
 Launch plan(const Params& p, bool fused, const DeviceInfo& device);
-// Floats of split-row workspace a forward with this launch needs (0: none).
-int64_t workspace_floats(const Params& p, const Launch& l);
+// Floats of workspace a forward with this launch needs (0: none): the segments' states of split rows, and
+// of every row for a shard's states (states: Params::states is set).
+int64_t workspace_floats(int64_t rows, bool states, const Launch& l);
 // Raises std::invalid_argument for a dtype code the kernels do not take (float32, float16, bfloat16).
 void check_dtype(int dtype);
 // Raises std::invalid_argument for a launch the kernels cannot run; called by forward() and backward().

@@ -59,13 +59,18 @@ bool same_phase(const Params& p) {
 //   persistent grid has to guess how many clusters fit at once.
 // - Otherwise a block per row. Too few rows to fill the GPU: each row is split into segments (separate
 //   blocks) whose softmax states merge in a second kernel. The fused mode re-reads each row for its
-//   gradient, so the rows in flight are bounded to stay in L2 where that is possible.
+//   gradient, so the rows in flight are bounded to stay in L2 where that is possible. Probability targets'
+//   rows are split only for a shard (its states, or its backward from the global K): otherwise K needs
+//   the whole row.
+// - A shard's states: a forward's layouts, never cached (there is no gradient); its rows' (or segments')
+//   states merge in the split rows' second kernel, which stores the merged state.
 Launch plan(const Params& p, bool fused, const DeviceInfo& d) {
   const int64_t rows = std::max<int64_t>(1, p.rows), vocab = p.vocab;
   const int es = element_size(p.dtype), per_pack = 16 / es;
   const int dtype = std::min(p.dtype, int(kBFloat16));
   const int64_t row_bytes = vocab * es;
-  const bool vectorized = same_phase(p), general = is_general(p), soft = p.target_prob != nullptr;
+  const bool vectorized = same_phase(p), general = is_general(p);
+  const bool whole_row_k = p.target_prob != nullptr && !p.states && !p.target_mass;
   const int row_regs = d.row_registers[dtype], cached_regs = d.cached_registers[dtype];
   if (row_bytes <= kWarpRowMaxBytes)
     return make(kWarpPerRow, 256, std::min(ceil_div(rows, 8), d.sms * resident_blocks(d, 256, row_regs)), 1,
@@ -86,7 +91,7 @@ Launch plan(const Params& p, bool fused, const DeviceInfo& d) {
   }
   const int threads = block_threads(row_bytes);
   const int64_t resident = d.sms * resident_blocks(d, threads, row_regs);
-  if (!soft && rows < resident) {
+  if (!whole_row_k && rows < resident) {
     const int64_t splits = std::max<int64_t>(1, std::min<int64_t>({ceil_div(resident, rows), row_bytes / kSegmentMinBytes, 65535}));
     if (splits > 1) return make(kBlockPerRow, block_threads(ceil_div(row_bytes, splits)), rows, int(splits), vectorized);
   }
@@ -95,8 +100,8 @@ Launch plan(const Params& p, bool fused, const DeviceInfo& d) {
   return make(kBlockPerRow, threads, blocks, 1, vectorized);
 }
 
-int64_t workspace_floats(const Params& p, const Launch& l) {
-  return l.layout == kBlockPerRow && l.splits > 1 ? p.rows * l.splits * kStateFloats : 0;
+int64_t workspace_floats(int64_t rows, bool states, const Launch& l) {
+  return (l.layout == kBlockPerRow && l.splits > 1) || states ? rows * l.splits * kStateFloats : 0;
 }
 
 void check_dtype(int dtype) {
@@ -118,15 +123,18 @@ void check_launch(const Params& p, const Launch& l, bool forward, bool fused) {
                          segment_length(int(p.vocab), l.splits) <=
                              int64_t(kCachePacks) * l.threads * (16 / element_size(p.dtype));
   const bool layout_ok = l.layout == kWarpPerRow || l.layout == kBlockPerRow || (cached && cached_ok);
+  // a shard's states: the rows' states pass through the workspace, and there is no gradient
+  const bool states_ok = !p.states || (forward && !fused && !cached && p.workspace);
   // the forward merges the segments' states in the workspace; the backward's segments are independent
+  // (probability targets: where K is given)
   const bool splits_ok = l.splits == 1 ||
                          (l.layout == kBlockPerRow && l.splits > 1 && l.splits <= 65535 &&
-                          (p.workspace || !forward) && p.target_prob == nullptr) ||
+                          (p.workspace || !forward) && (!p.target_prob || p.states || p.target_mass)) ||
                          (l.layout == kClusterRowCached && l.splits > 1 && l.splits <= kMaxCluster);
   if (l.vectorized && !same_phase(p))
     throw std::invalid_argument("fusedce CUDA kernels: vectorized launch with logits and dlogits rows at different "
                                 "offsets from a 16-byte boundary");
-  if (!threads_ok || !layout_ok || !splits_ok || l.blocks < 1 || l.blocks > 0x7fffffff)
+  if (!threads_ok || !layout_ok || !splits_ok || !states_ok || l.blocks < 1 || l.blocks > 0x7fffffff)
     throw std::invalid_argument("fusedce CUDA kernels: invalid launch (layout " + std::to_string(l.layout) +
                                 ", threads " + std::to_string(l.threads) + ", blocks " + std::to_string(l.blocks) +
                                 ", splits " + std::to_string(l.splits) + ")");

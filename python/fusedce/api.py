@@ -6,9 +6,10 @@ backend, result dtype); then one of four paths runs the kernels:
   - the fused mode (a reduced loss in eager autograd): FusedCrossEntropyFunction, gradient in the forward;
   - otherwise in eager mode: CrossEntropyFunction (per-row loss and lse), then the reduction;
   - under torch.compile: the custom ops of fusedce.ops, then the reduction.
-No path syncs the host."""
+No path syncs the host. DTensor logits sharded by class go to fusedce.distributed instead."""
 from __future__ import annotations
 
+import sys
 from typing import Optional
 
 import torch
@@ -67,13 +68,19 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     """
     if size_average is not None or reduce is not None:
         reduction = _reduction.legacy_get_string(size_average, reduce)
-    if (backend == "auto" and type(input) is _Tensor and input.numel() < TORCH_BELOW_ELEMENTS
-            and not (z_loss or softcap is not None or return_lse or inplace_backward or fused)):
-        enum = _REDUCTION_ENUM.get(reduction)
-        if (enum is not None and weight is None and dtype is None and input.dtype in _TORCH_EXACT
-                and getattr(target, "dtype", None) is _int64):
-            return torch._C._nn.cross_entropy_loss(input, target, None, enum, ignore_index, label_smoothing)
-        return _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, dtype)
+    if type(input) is _Tensor:
+        if (backend == "auto" and input.numel() < TORCH_BELOW_ELEMENTS
+                and not (z_loss or softcap is not None or return_lse or inplace_backward or fused)):
+            enum = _REDUCTION_ENUM.get(reduction)
+            if (enum is not None and weight is None and dtype is None and input.dtype in _TORCH_EXACT
+                    and getattr(target, "dtype", None) is _int64):
+                return torch._C._nn.cross_entropy_loss(input, target, None, enum, ignore_index, label_smoothing)
+            return _torch_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, dtype)
+    elif _is_dtensor(input):  # sharded by class: the vocab-parallel loss
+        from .distributed import dtensor
+        return dtensor.cross_entropy(input, target, weight, inplace_backward, ignore_index=ignore_index,
+                                     reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+                                     softcap=softcap, return_lse=return_lse, fused=fused, backend=backend, dtype=dtype)
     call = describe(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap, backend, dtype)
     if call.logits.shape[-1] == 0:
         return _without_classes(input, target, weight, call, return_lse)
@@ -101,6 +108,12 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
                                            inplace_backward and not transformed)
     # under torch.func the targets may be wrapped too: the denominator from tensor ops
     return _result(loss, lse, call, return_lse, ops.traceable(kernels) if transformed else kernels)
+
+
+def _is_dtensor(x) -> bool:
+    """Without importing torch.distributed.tensor where nothing made a DTensor."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(x, module.DTensor)
 
 
 def _result(loss, lse, call: Call, return_lse: bool, kernels):

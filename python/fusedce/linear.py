@@ -93,6 +93,24 @@ def _autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
+def chunk_loop(input, weight, bias, chunk: int, step, grads: Optional[_Grads] = None):
+    """The loop of every chunked head: for each chunk of tokens, its logits, then step(logits, rows) ->
+    (loss, lse, dlogits) on them (rows: the chunk's slice of the tokens; any may be None), each chunk's
+    dlogits folded into grads. Returns the per-row losses and lses concatenated (None if none came)."""
+    losses, lses = [], []
+    with _autocast_off(input.device.type):
+        for start in range(0, input.shape[0], chunk):
+            x = input[start:start + chunk]
+            loss, lse, dlogits = step(_chunk_logits(x, weight, bias), slice(start, start + x.shape[0]))
+            losses.append(loss)
+            lses.append(lse)
+            if dlogits is not None:
+                grads.add_chunk(dlogits, x, weight, start)
+    acc = accumulation_dtype(input.dtype)
+    return tuple(torch.cat(t) if t and t[0] is not None else torch.empty(0, dtype=acc, device=input.device)
+                 for t in (losses, lses))
+
+
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """apply(input [N, H], weight [V, H], bias [V] or None, target, class_weight, denominator, reduction,
     options, backend, chunk) -> loss; options and backend as for fusedce.CrossEntropyFunction, the
@@ -100,44 +118,33 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, input, weight, bias, target, class_weight, denominator, reduction, options, backend, chunk):
-        tokens = input.shape[0]
         needs = ctx.needs_input_grad[:3]
         acc = accumulation_dtype(input.dtype)
         ctx.save_for_backward(input, weight, bias, target, class_weight)
         ctx.args = (denominator, reduction, options, backend, chunk)
         compiling = torch.compiler.is_compiling()
         kernels = ops.traceable(backend) if compiling else backend
-        with _autocast_off(input.device.type):
-            if reduction == "none" or not any(needs) or compiling:
-                losses, lses = [], []
-                for start in range(0, tokens, chunk):
-                    logits = _chunk_logits(input[start:start + chunk], weight, bias)
-                    loss, lse = kernels.forward(logits, target[start:start + chunk], class_weight, options)
-                    losses.append(loss)
-                    lses.append(lse)
-                ctx.lse = torch.cat(lses) if lses else torch.empty(0, dtype=acc, device=input.device)
-                ctx.grads = None
-                loss = torch.cat(losses) if losses else torch.empty(0, dtype=acc, device=input.device)
-                return _reduce(loss, reduction, denominator)
-            # "mean"/"sum" in eager mode: gradients now, for grad_output 1
-            row_scale = torch.ones((), dtype=acc, device=input.device)
-            if denominator is not None:
-                row_scale = row_scale / denominator
-            grads = _Grads(input, weight, bias, *needs)
-            total = torch.zeros((), dtype=acc, device=input.device)
-            lses = []
-            for start in range(0, tokens, chunk):
-                x = input[start:start + chunk]
-                logits = _chunk_logits(x, weight, bias)
-                # the gradient overwrites the chunk's logits (each row is read before it is written)
-                loss, lse = backend.forward(logits, target[start:start + chunk], class_weight, options,
-                                            row_scale.expand(x.shape[0]), logits)
-                total += loss.sum()
-                lses.append(lse)
-                grads.add_chunk(logits, x, weight, start)
-            ctx.lse = torch.cat(lses) if lses else torch.empty(0, dtype=acc, device=input.device)
-            ctx.grads = grads.finish(weight, bias)
-            return total / denominator if denominator is not None else total
+        if reduction == "none" or not any(needs) or compiling:
+            def step(logits, rows):
+                return (*kernels.forward(logits, target[rows], class_weight, options), None)
+
+            loss, ctx.lse = chunk_loop(input, weight, bias, chunk, step)
+            ctx.grads = None
+            return _reduce(loss, reduction, denominator)
+        # "mean"/"sum" in eager mode: gradients now, for grad_output 1
+        row_scale = torch.ones((), dtype=acc, device=input.device)
+        if denominator is not None:
+            row_scale = row_scale / denominator
+
+        def fused_step(logits, rows):  # the gradient overwrites the chunk's logits (each row read, then written)
+            loss, lse = backend.forward(logits, target[rows], class_weight, options, row_scale.expand(logits.shape[0]),
+                                        logits)
+            return loss, lse, logits
+
+        grads = _Grads(input, weight, bias, *needs)
+        loss, ctx.lse = chunk_loop(input, weight, bias, chunk, fused_step, grads)
+        ctx.grads = grads.finish(weight, bias)
+        return _reduce(loss, reduction, denominator)
 
     @staticmethod
     @once_differentiable
@@ -153,21 +160,23 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         # "none", compiled, or a second backward through a retained graph: recompute chunk by chunk
         compiling = torch.compiler.is_compiling()
         kernels = ops.traceable(backend) if compiling else backend
-        if reduction == "none":
-            row_grad = grad_output.reshape(-1).to(ctx.lse.dtype)
-        else:
-            scale = grad_output.to(ctx.lse.dtype)
-            row_grad = (scale if denominator is None else scale / denominator).expand(input.shape[0])
+        row_grad = _row_grad(grad_output, reduction, denominator, input.shape[0], ctx.lse.dtype)
+
+        def step(logits, rows):
+            return None, None, kernels.backward(row_grad[rows], logits, target[rows], class_weight, ctx.lse[rows],
+                                                options, None if compiling else logits)
+
         grads = _Grads(input, weight, bias, *ctx.needs_input_grad[:3])
-        with _autocast_off(input.device.type):
-            for start in range(0, input.shape[0], chunk):
-                stop = start + chunk
-                x = input[start:stop]
-                logits = _chunk_logits(x, weight, bias)
-                dlogits = kernels.backward(row_grad[start:stop], logits, target[start:stop], class_weight,
-                                           ctx.lse[start:stop], options, None if compiling else logits)
-                grads.add_chunk(dlogits, x, weight, start)
+        chunk_loop(input, weight, bias, chunk, step, grads)
         return (*grads.finish(weight, bias), None, None, None, None, None, None, None)
+
+
+def _row_grad(grad_output, reduction: str, denominator, tokens: int, acc):
+    """Each row's grad_loss for the backward of the reduced (or unreduced) loss."""
+    if reduction == "none":
+        return grad_output.reshape(-1).to(acc)
+    scale = grad_output.to(acc)
+    return (scale if denominator is None else scale / denominator).expand(tokens)
 
 
 def _reduce(loss, reduction, denominator):
@@ -195,6 +204,32 @@ def _check_linear(input, weight, bias, target, ignore_index: int) -> None:
     check_target(torch.Size((input.shape[0], weight.shape[0])), input.device, target, ignore_index)
 
 
+def checked_arguments(input, weight, bias, target, class_weight, ignore_index: int, reduction: str,
+                      label_smoothing: float, z_loss: float, softcap: Optional[float], chunk_size: Optional[int],
+                      dtype: Optional[torch.dtype]) -> Options:
+    """The checks of a chunked head's arguments (here and in fusedce.distributed); returns the options."""
+    check_reduction(reduction)
+    options = Options.checked(ignore_index, label_smoothing, z_loss, softcap)
+    check_dtype(dtype)
+    _check_linear(input, weight, bias, target, ignore_index)
+    if class_weight is not None:
+        check_weight(class_weight, weight.shape[0], input.device)
+    if chunk_size is not None and chunk_size < 1:
+        raise InvalidArgument(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if target.requires_grad:
+        raise InvalidArgument("linear_cross_entropy does not differentiate with respect to the target: pass a "
+                              "target that does not require grad")
+    return options
+
+
+def kernel_layout(input, weight, target, class_weight, chunk_size: Optional[int]):
+    """(target, class weight) as the kernels read them, and the tokens per chunk."""
+    acc = accumulation_dtype(input.dtype)
+    tgt = target.contiguous() if target.is_floating_point() else target.to(torch.int64).contiguous()
+    cw = class_weight.to(acc).contiguous() if class_weight is not None else None
+    return tgt, cw, chunk_size or auto_chunk_size(input.shape[0], weight.shape[0], input.dtype, input.device)
+
+
 def _autocast(input, weight, bias):
     """What F.linear does under torch.autocast: fp32 operands cast to the autocast dtype (differentiably,
     so the parameters' gradients stay fp32)."""
@@ -218,28 +253,15 @@ def linear_cross_entropy(input: torch.Tensor, weight: torch.Tensor, target: torc
     fusedce.cross_entropy (torch.nn.functional.linear_cross_entropy calls the class weight `weight`
     and the matrix `linear_weight`; positionally the two functions agree). chunk_size: tokens per
     chunk (default: chosen from the vocabulary size and, on a GPU, the free memory)."""
-    check_reduction(reduction)
-    options = Options.checked(ignore_index, label_smoothing, z_loss, softcap)
-    check_dtype(dtype)
-    _check_linear(input, weight, bias, target, ignore_index)
-    if class_weight is not None:
-        check_weight(class_weight, weight.shape[0], input.device)
-    if chunk_size is not None and chunk_size < 1:
-        raise InvalidArgument(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-    if target.requires_grad:
-        raise InvalidArgument("linear_cross_entropy does not differentiate with respect to the target: pass a "
-                              "target that does not require grad")
+    options = checked_arguments(input, weight, bias, target, class_weight, ignore_index, reduction, label_smoothing,
+                                z_loss, softcap, chunk_size, dtype)
     input, weight, bias = _autocast(input, weight, bias)
     resolved = backends.resolve(backend, input.device, input.dtype)
-    soft = target.is_floating_point()
-    acc = accumulation_dtype(input.dtype)
-    tgt = target.contiguous() if soft else target.to(torch.int64).contiguous()
-    cw = class_weight.to(acc).contiguous() if class_weight is not None else None
+    tgt, cw, chunk = kernel_layout(input, weight, target, class_weight, chunk_size)
     denominator = None
     if reduction == "mean":
         kernels = ops.traceable(resolved) if torch.compiler.is_compiling() else resolved
         denominator = kernels.mean_denominator(tgt, cw, ignore_index)
-    chunk = chunk_size or auto_chunk_size(input.shape[0], weight.shape[0], input.dtype, input.device)
     loss = LinearCrossEntropyFunction.apply(input, weight, bias, tgt, cw, denominator, reduction, options, resolved,
                                             chunk)
     return loss.to(dtype or output_dtype(input, target))

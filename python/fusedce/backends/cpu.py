@@ -8,6 +8,7 @@ from typing import Optional
 
 import torch
 
+from ..options import Shard, accumulation_dtype
 from . import Backend
 
 try:
@@ -41,7 +42,7 @@ class CpuBackend(Backend):
         return None if _C is not None else f"the compiled CPU module failed to import ({IMPORT_ERROR})"
 
     def forward(self, logits, target, weight, opts, grad_loss=None, dlogits=None):
-        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        acc = accumulation_dtype(logits.dtype)
         loss = torch.empty(logits.shape[0], dtype=acc)
         lse = torch.empty(logits.shape[0], dtype=acc)
         grad = (0, 0, 0, 0) if dlogits is None else (
@@ -58,8 +59,25 @@ class CpuBackend(Backend):
         return loss
 
     def backward_into(self, grad_loss, logits, target, weight, lse, opts, out):
-        _C.backward(*_args(logits, target, weight, opts), grad_loss.to(lse.dtype).data_ptr(), grad_loss.stride(0),
-                    lse.data_ptr(), out.data_ptr(), out.stride(0), torch.get_num_threads())
+        self._backward(grad_loss, logits, target, weight, lse, None, opts, Shard(0, logits.shape[1]), out)
+
+    def shard_states(self, logits, target, weight, opts, shard):
+        states = torch.empty(logits.shape[0], 4, dtype=accumulation_dtype(logits.dtype))
+        _C.shard_states(*_args(logits, target, weight, opts), shard.classes, states.data_ptr(),
+                        torch.get_num_threads())
+        return states
+
+    def shard_backward_into(self, grad_loss, logits, target, weight, lse, k, opts, shard, out):
+        acc = accumulation_dtype(logits.dtype)
+        self._backward(grad_loss, logits, target, weight, lse.to(acc).contiguous(), k.to(acc).contiguous(), opts,
+                       shard, out)
+
+    def _backward(self, grad_loss, logits, target, weight, lse, k, opts, shard, out):
+        """k: the global target mass of a shard's rows, None for a whole row (shard (0, V))."""
+        grad_loss = grad_loss.to(lse.dtype)  # held here: a temporary's memory could be reused before the call
+        _C.backward(*_args(logits, target, weight, opts), shard.start, shard.classes, grad_loss.data_ptr(),
+                    grad_loss.stride(0), lse.data_ptr(), _ptr(k), out.data_ptr(), out.stride(0),
+                    torch.get_num_threads())
 
     def mean_denominator(self, target, weight, ignore_index):
         # the class count only bounds the weight's reads (the forward has raised for other bad targets)

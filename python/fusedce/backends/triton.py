@@ -32,6 +32,16 @@ class TritonBackend(Backend):
         kernels.cross_entropy(logits, target, weight, weight_sum(target, weight), opts, forward=False,
                               grad_loss=grad_loss.float(), lse=lse, dlogits=out)
 
+    def shard_states(self, logits, target, weight, opts, shard):
+        states = torch.empty(logits.shape[0], 4, dtype=torch.float32, device=logits.device)
+        kernels.cross_entropy(logits, target, weight, None, opts, forward=True, shard=shard, states=states)
+        return states
+
+    def shard_backward_into(self, grad_loss, logits, target, weight, lse, k, opts, shard, out):
+        kernels.cross_entropy(logits, target, weight, None, opts, forward=False, grad_loss=grad_loss.float(),
+                              lse=lse.float().contiguous(), dlogits=out, shard=shard,
+                              target_mass=k.float().contiguous())
+
     def scale_(self, grad, scale):
         kernels.scale_(grad, scale.float())
 
