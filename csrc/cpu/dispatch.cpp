@@ -129,12 +129,14 @@ BackwardIO with_store_mode(BackwardIO io, const CrossEntropyArgs& a) {
 
 // How many threads a call gets, and the rows each claims at a time. Work is counted in elements
 // passed over (a row costs about kRowElements more than its vocabulary: its target, logs, stores).
-// A thread is added per kMinThreadWork of work, about 1 ms of one thread's time on the 2-core CI
-// machine (AVX2; fp32 and bf16 cost the same there): below that, waking a worker saves less than it
-// risks, since with another process busy on a core the worker can wait for a time slice. Measured
-// there, 2 threads against 1 in one process: 1.3x faster at 128x4096 (0.5 ms), 1.6x at 64x32000.
+// A thread is added per kMinThreadWork of work, about 40 us of one thread's time on the 2-core CI
+// machine (Zen 5, AVX-512): the pool's workers poll for a while after a call (row_pool.cpp), so one
+// called back to back starts within a few microseconds, and the caller never waits for a worker that
+// has not started. Measured there, 2 threads against 1, calls in a row: 1.9x at 256x1000 fp32 forward
+// (83 -> 44 us), 1.8x at 1024x1000; with workers that slept between calls the second thread gave 1.2x
+// at 256x1000, which is why the threshold was 8x higher before.
 constexpr int64_t kRowElements = 64;
-constexpr int64_t kMinThreadWork = int64_t(1) << 20;
+constexpr int64_t kMinThreadWork = int64_t(1) << 17;
 // A chunk is at most kChunkBytes of logits and an eighth of a thread's share: long enough to keep
 // the prefetchers streaming, short enough that the threads still running take over the rows of one
 // the OS descheduled. (256 KiB chunks made the fused kernel slower: each chunk sets up its row caches.)

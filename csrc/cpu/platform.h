@@ -55,6 +55,15 @@ inline void stream_bytes(void* dst, const void* src, int64_t nbytes) {
 #endif
 }
 
+// One iteration of a spin-wait: tells the core (and a sibling hyperthread) that this thread waits.
+inline void cpu_relax() {
+#if FUSEDCE_X86
+  _mm_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
 // Orders this thread's streaming stores before the stores that tell another thread its rows are done.
 inline void streaming_store_fence() {
 #if FUSEDCE_X86
