@@ -17,7 +17,7 @@ triton = pytest.importorskip("triton")
 if "nvidia" not in triton.backends.backends:
     pytest.skip("this Triton build has no NVIDIA compiler backend", allow_module_level=True)
 
-_FLAGS = ("SOFT", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")
+_FLAGS = ("SOFT", "HAS_WEIGHT", "HAS_SMOOTHING", "HAS_SOFTCAP")  # all but SHARD
 
 # (mode, set flags, logits dtype, soft-target dtype, BLOCK_V, num_warps, arch)
 CASES = [
@@ -30,6 +30,9 @@ CASES = [
     ("fwd", _FLAGS, "fp32", "bf16", 2048, 8, 90),
     ("bwd", _FLAGS, "bf16", "fp32", 256, 1, 90),  # vocabulary 1
     ("fused", ("SOFT",), "fp16", "fp16", 4096, 8, 80),
+    ("fwd", ("SHARD", "HAS_WEIGHT", "HAS_SMOOTHING"), "bf16", None, 8192, 8, 90),  # vocab-parallel states
+    ("bwd", ("SHARD", "HAS_SMOOTHING", "HAS_SOFTCAP"), "bf16", None, 8192, 8, 90),
+    ("bwd", ("SHARD", "SOFT"), "fp32", "fp32", 2048, 8, 90),
 ]
 
 _COMPILE = """
@@ -44,11 +47,12 @@ mode, flags, dtype, soft_dtype, block, warps, arch = json.loads(sys.argv[1])
 aligned = json.loads(sys.argv[2])  # as Triton specialises a launch whose pointers, V and row strides are 16-aligned
 forward, backward = mode in ("fwd", "fused"), mode in ("bwd", "fused")
 pointers = {"logits_ptr": dtype, "target_ptr": soft_dtype or "i64", "weight_ptr": "fp32", "weight_sum_ptr": "fp32",
-            "loss_ptr": "fp32", "lse_ptr": "fp32", "grad_loss_ptr": "fp32", "dlogits_ptr": dtype}
+            "loss_ptr": "fp32", "lse_ptr": "fp32", "grad_loss_ptr": "fp32", "dlogits_ptr": dtype, "states_ptr": "fp32",
+            "target_mass_ptr": "fp32"}
 floats = ("label_smoothing", "z_loss", "softcap")
 vec = 4 if dtype == "fp32" else 8
 constexprs = {"SOFT": "SOFT" in flags, "HAS_WEIGHT": "HAS_WEIGHT" in flags, "HAS_SMOOTHING": "HAS_SMOOTHING" in flags,
-              "HAS_SOFTCAP": "HAS_SOFTCAP" in flags, "FORWARD": forward, "BACKWARD": backward, "BLOCK_V": block,
+              "HAS_SOFTCAP": "HAS_SOFTCAP" in flags, "SHARD": "SHARD" in flags, "FORWARD": forward, "BACKWARD": backward, "BLOCK_V": block,
               "THREADS": 32 * warps, "VEC": vec}
 signature, attrs = {}, {}
 for i, name in enumerate(kernels.cross_entropy_kernel.arg_names):
