@@ -191,10 +191,12 @@ def forward(logits, target, weight, opts: Options, backend, group, vocab_start: 
     return Rows(loss, lse, target_mass, w_t, (summed[1] - big_m) - log_s), shard
 
 
-def refine_target_gradient(out, grad_loss, logits, target, weight, rows: Rows, opts: Options, shard: Shard):
+def target_gradient_of(grad_loss, logits, target, weight, rows: Rows, opts: Options, shard: Shard):
     """The backends' shard backward sees the rounded lse, and x'_t - lse ~ 0 of a confident prediction loses
     its bits with it (p_t - 1 with them): the target's rank rewrites that element of each row from the
-    unrounded rows.target_shift, as the whole-row kernels do from (m, log s). O(rows), no host sync."""
+    unrounded rows.target_shift, as the whole-row kernels do from (m, log s). Returns (the target's column
+    [rows, 1], its gradient, the rows whose target is here), taken before the backward may overwrite the
+    logits with the gradient. O(rows), no host sync."""
     acc = rows.lse.dtype
     xt, wt, valid, _, here, col = target_terms(logits, target, weight, opts, acc, shard)
     eps = opts.label_smoothing
@@ -202,6 +204,4 @@ def refine_target_gradient(out, grad_loss, logits, target, weight, rows: Rows, o
     d = target_gradient(rows.target_shift, rows.k + 2 * opts.z_loss * rows.lse, keep_w) - eps / shard.classes * wt
     if opts.softcap > 0:
         d = d * (1 - (xt / opts.softcap) ** 2)
-    at = col[:, None]
-    d = torch.where(here & valid, d * grad_loss.to(acc), out.gather(1, at)[:, 0].to(acc))
-    out.scatter_(1, at, d.to(out.dtype)[:, None])
+    return col[:, None], d * grad_loss.to(acc), here & valid

@@ -43,10 +43,13 @@ class Problem:
         return rows
 
     def gradient(self, grad_loss, logits, target, weight, rows: combine.Rows, out=None):
+        exact = None if rows.target_shift is None else combine.target_gradient_of(
+            grad_loss, logits, target, weight, rows, self.options, self.shard)
         out = self.backend.shard_backward(grad_loss, logits, target, weight, rows.lse, rows.k, self.options,
                                           self.shard, out)
-        if rows.target_shift is not None:
-            combine.refine_target_gradient(out, grad_loss, logits, target, weight, rows, self.options, self.shard)
+        if exact is not None:  # out may be the logits: the target terms were read before
+            at, d, here = exact
+            out.scatter_(1, at, torch.where(here[:, None], d[:, None].to(out.dtype), out.gather(1, at)))
         return out
 
 
