@@ -80,7 +80,9 @@ def reference_states(logits, target, weight, opts, classes):
     x = capped(logits.double(), opts)
     c = coefficients(target, weight, opts, classes, x.shape[1])
     m = x.amax(1)
-    return torch.stack([m, torch.exp(x - m[:, None]).sum(1), (c * (x - m[:, None])).sum(1), c.sum(1)], 1)
+    top = x == m[:, None]  # s - 1 as (the count of the max) - 1 + the other terms: no cancellation
+    s_less_1 = (top.sum(1) - 1) + torch.where(top, 0, torch.exp(x - m[:, None])).sum(1)
+    return torch.stack([m, s_less_1, (c * (x - m[:, None])).sum(1), c.sum(1)], 1)
 
 
 def target_weight(target, weight, opts):
@@ -95,7 +97,7 @@ def target_weight(target, weight, opts):
 def global_lse_and_mass(logits, target, weight, opts):
     """The float64 lse and K of whole rows."""
     states = reference_states(logits, target, weight, opts, logits.shape[1])
-    lse = states[:, 0] + torch.log(states[:, 1])
+    lse = states[:, 0] + torch.log1p(states[:, 1])
     k = states[:, 3] + (0 if target.is_floating_point() else target_weight(target, weight, opts))
     return lse, k
 
@@ -209,19 +211,20 @@ SPLITS = [(1000, (333, 333, 334)), (1000, (1, 999)), (7, (3, 1, 3)), (2053, (102
 
 
 def merge(states):
-    """The shards' states [rows, 4] merged into the whole row's (m, s, cx, k), in float64: the rule the
+    """The shards' states [rows, 4] merged into the whole row's (m, s - 1, cx, k), in float64: the rule the
     online pass applies block after block."""
     st = torch.stack([s.double() for s in states])
     m = st[..., 0].amax(0)
     shift = st[..., 0] - m
-    return (m, (st[..., 1] * torch.exp(shift)).sum(0), (st[..., 2] + st[..., 3] * shift).sum(0),
+    e = torch.exp(shift)
+    return (m, (st[..., 1] * e).sum(0) + (e.sum(0) - 1), (st[..., 2] + st[..., 3] * shift).sum(0),
             st[..., 3].sum(0))
 
 
 def loss_of_merged(logits, target, weight, opts, merged):
     """loss, lse and K of whole rows from their merged state (the formulas of fusedce.distributed)."""
-    m, s, cx, k = merged
-    log_s = torch.log(s)
+    m, s_less_1, cx, k = merged
+    log_s = torch.log1p(s_less_1)
     lse = m + log_s
     loss = k * log_s - cx + opts.z_loss * lse * lse
     if target.is_floating_point():

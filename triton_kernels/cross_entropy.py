@@ -9,7 +9,7 @@ Math (per row; x' = softcap(x), p = softmax(x'), lse = log sum exp x'), as in cs
   dloss/dx'_j = p_j (K + 2 z lse) - c_j;  dloss/dx_j = dloss/dx'_j (1 - (x'_j / cap)^2) with a softcap
 Online update per block: m' = max(m, max(x_blk)); s' = s exp(m - m') + sum exp(x_blk - m').
 A vocabulary-parallel shard (SHARD) holds the global classes [class_start, class_start + V) of `classes`: V in
-eps/V is `classes`, its forward stops at the state (m, s, cx, k) of its columns, and its backward takes the global
+eps/V is `classes`, its forward stops at the state (m, s - 1, cx, k) of its columns, and its backward takes the global
 lse and K.
 
 Traffic: forward reads the logits once (S); backward reads them once and writes dlogits once (2S);
@@ -212,7 +212,7 @@ def cross_entropy_kernel(
     lse_ptr,           # [rows] fp32 out (FORWARD) or in (backward only)
     grad_loss_ptr,     # [rows] fp32, any stride (BACKWARD)
     dlogits_ptr,       # [rows, V] out in the logits dtype (BACKWARD); may be logits_ptr
-    states_ptr,        # [rows, 4] fp32 out (SHARD and FORWARD): m, s, cx, k of the shard's columns
+    states_ptr,        # [rows, 4] fp32 out (SHARD and FORWARD): m, s - 1, cx, k of the shard's columns
     target_mass_ptr,   # [rows] fp32 (SHARD and BACKWARD): the global K
     # sizes and strides (elements)
     rows, V, logits_row_stride, target_row_stride, grad_stride, dlogits_row_stride,
@@ -285,7 +285,7 @@ def cross_entropy_kernel(
             if SHARD:
                 state = states_ptr + row * 4
                 tl.store(state, m_row)
-                tl.store(state + 1, top_row + rest_row)
+                tl.store(state + 1, (top_row - 1.0) + rest_row)  # s - 1, exact for a confident row
                 tl.store(state + 2, cx)
                 tl.store(state + 3, k)
             else:

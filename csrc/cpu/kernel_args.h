@@ -43,7 +43,7 @@ struct ForwardOut {
   void* lse;           // rows, or null when not wanted
   int reduction = kNone;
   int loss_dtype = kFloat32;
-  // rows x 4 (m, s, cx, k): a shard's softmax states instead of loss and lse (see forward_row)
+  // rows x 4 (m, s - 1, cx, k): a shard's softmax states instead of loss and lse (see forward_row)
   void* states = nullptr;
 };
 

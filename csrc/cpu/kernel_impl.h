@@ -12,7 +12,7 @@
 //   dloss/dx'_j = p_j (K + 2 z lse) - c_j
 //   dloss/dx_j  = dloss/dx'_j * (1 - (x'_j / cap)^2)                     (d/dx cap tanh(x/cap))
 // A vocabulary-parallel shard (CrossEntropyArgs::class_start, classes) holds some of the columns j: V in
-// eps/V is the global class count, its forward stops at the state (m, s, cx, k) of its columns (the
+// eps/V is the global class count, its forward stops at the state (m, s - 1, cx, k) of its columns (the
 // caller merges the shards' states), and its backward takes the global lse and K.
 // The online pass keeps the running max m and s = sum exp(x' - m) per block:
 //   m' = max(m, max(x_blk)); s' = s exp(m - m') + sum exp(x_blk - m')
@@ -236,8 +236,8 @@ inline Acc log_top_plus_rest(Acc n, Acc r) {
 }
 
 // after_block() runs after each block (the fused mode advances the previous row's gradient there).
-// With out.states, the row's state (m, s = top + rest, cx, k) instead of its loss and lse: c_j does not
-// depend on a class-index target, which is then not read.
+// With out.states, the row's state (m, s - 1 = (top - 1) + rest, cx, k) instead of its loss and lse: c_j does
+// not depend on a class-index target, which is then not read.
 template <typename Acc, typename AfterBlock>
 RowStats<Acc> forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int64_t row, Acc* xbuf, Acc* cbuf,
                           RowCache<Acc>* cache, const AfterBlock& after_block) {
@@ -304,7 +304,7 @@ RowStats<Acc> forward_row(const CrossEntropyArgs& a, const ForwardOut& out, int6
   const Acc log_s = log_top_plus_rest(top, rest), lse = m + log_s;
   if (out.states) {
     Acc* state = static_cast<Acc*>(out.states) + 4 * row;
-    state[0] = m, state[1] = top + rest, state[2] = cx, state[3] = k;
+    state[0] = m, state[1] = (top - 1) + rest, state[2] = cx, state[3] = k;  // s - 1: see backends/__init__.py
     return {m, log_s};
   }
   Acc loss = 0;

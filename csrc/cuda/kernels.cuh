@@ -713,7 +713,7 @@ __global__ void __launch_bounds__(kCachedThreads) cached_row_kernel(Params p) {
 }
 
 // Split rows: merges the segments' states of each row (a warp per row) into its loss and lse, or a shard's
-// into its state (m, s, cx, k).
+// into its state (m, s - 1, cx, k), s - 1 without cancellation (see backends/__init__.py).
 template <typename T, bool GENERAL>
 __global__ void finalize_kernel(Params p, int splits) {
   const int lane = threadIdx.x % 32;
@@ -725,7 +725,7 @@ __global__ void finalize_kernel(Params p, int splits) {
   if (p.states) {
     if (lane == 0) {
       float* state = p.states + row * 4;
-      state[0] = s.m, state[1] = s.top + s.rest, state[2] = s.cx, state[3] = s.k;
+      state[0] = s.m, state[1] = (s.top - 1.f) + s.rest, state[2] = s.cx, state[3] = s.k;  // s - 1
     }
     return;
   }

@@ -21,7 +21,7 @@ struct Params {
   const float* grad_loss = nullptr;      // [rows] any stride (backward); null: no gradient
   void* dlogits = nullptr;               // [rows, vocab] out in the logits dtype; may be the logits
   float* workspace = nullptr;            // [rows, splits, 5] partial softmax states (Launch::splits > 1, states)
-  // a vocabulary-parallel shard: its forward writes each row's state (m, s, cx, k) of its columns, [rows, 4],
+  // a vocabulary-parallel shard: its forward writes each row's state (m, s - 1, cx, k) of its columns, [rows, 4],
   // instead of loss and lse; its backward takes the global K, [rows]. Null for whole rows.
   float* states = nullptr;
   const float* target_mass = nullptr;

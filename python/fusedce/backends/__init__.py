@@ -20,7 +20,10 @@ softcapped logit and c_j the target mass of column j without the (1 - eps) w_t [
 index t (c_j = eps / V * w_j for class indices; ((1 - eps) p_j + eps / V) * w_j for this shard's
 probabilities p; w = 1 without a class weight, the weight being this shard's V_local entries):
   shard_states(logits, target, weight, opts, shard) -> [rows, 4] (accumulation dtype) of
-      m = max_j x'_j,  s = sum_j exp(x'_j - m),  cx = sum_j c_j (x'_j - m),  k = sum_j c_j
+      m = max_j x'_j,  s - 1 = sum_j exp(x'_j - m) - 1,  cx = sum_j c_j (x'_j - m),  k = sum_j c_j
+      s - 1 is the sum of the terms other than one exp(0) = 1 of the max, computed without cancellation
+      ((count of x'_j = m) - 1 + the others): for a confident row it is the tiny mass off its top logit,
+      which the combine keeps (an s near 1 would round it away)
       class-index targets are not read (c_j does not depend on them); probabilities are [rows, V_local]
   shard_backward(grad_loss, logits, target, weight, lse, k, opts, shard, out=None) -> dlogits
       this shard's gradient of sum(grad_loss * loss) from the global lse [rows] and the global target

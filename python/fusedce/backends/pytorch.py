@@ -41,6 +41,12 @@ def target_terms(logits, target, weight, opts: Options, acc, shard: Shard):
     return xt, wt, valid, bad, here, col
 
 
+def target_gradient(delta, coef, keep_w):
+    """d loss / dx'_t less c_t, (1 - eps) w_t (p_t - 1) + p_t (coef - (1 - eps) w_t), from delta = x'_t - lse:
+    p_t - 1 with expm1, as p_t ~ 1 for a confident prediction."""
+    return keep_w * torch.expm1(delta) + torch.exp(delta) * (coef - keep_w)
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -60,7 +66,7 @@ class TorchBackend(Backend):
 
     def shard_states(self, logits, target, weight, opts: Options, shard: Shard):
         m, top, rest, cx, k = _states(logits, target, weight, opts, shard.classes)
-        return torch.stack((m, top + rest, cx, k), 1)
+        return torch.stack((m, (top - 1) + rest, cx, k), 1)  # s - 1 without cancellation
 
     def shard_backward_into(self, grad_loss, logits, target, weight, lse, k, opts: Options, shard: Shard,
                             out: torch.Tensor) -> None:
@@ -150,7 +156,7 @@ def _gradient(grad_loss, logits, target, weight, opts: Options, out, lse, stats=
             keep_w = ((1 - opts.label_smoothing) * wt)[:, None]
             hit = here & (col >= start) & (col < stop)
             at = torch.where(hit, col - start, torch.zeros_like(col))[:, None]
-            exact = keep_w * torch.expm1(delta.gather(1, at)) + p.gather(1, at) * (coef - keep_w)
+            exact = target_gradient(delta.gather(1, at), coef, keep_w)
             if c is not None:
                 exact = exact - c.gather(1, at)
             d.scatter_(1, at, torch.where(hit[:, None], exact, d.gather(1, at)))

@@ -1,15 +1,19 @@
 """The two collectives of a vocabulary-parallel forward, and the loss computed from what they bring.
 
 Rank r holds the columns [start_r, start_r + V_r) of V classes; per row the backend gives its shard's
-states (m_r, s_r, cx_r, k_r) (backends/__init__.py). Then:
+states (m_r, s_r - 1, cx_r, k_r) (backends/__init__.py). Then:
   1. all_reduce(MAX) of [m_r per row | per rank: V_r, start_r, error | a target hash, minus it]: the
      global max M, and the layout, which every rank then checks alike, so that every rank raises the
      same error (the others' slots are -inf; sizes below 2**24 are exact in fp32).
-  2. all_reduce(SUM) of the columns the options need: s_r exp(m_r - M); x'_t and w_t, gathered where
+  2. all_reduce(SUM) of the columns the options need: s_r e_r (e_r = exp(m_r - M)), less 1 on the rank
+     of a class-index target t, which sends (s_r - 1) e_r + expm1(m_r - M); x'_t and w_t, gathered where
      the target t is here (0 elsewhere; only with a class weight); cx_r + k_r (m_r - M) with smoothing
      or probabilities; k_r with probabilities; and one scalar, this shard's weight sum, where smoothing
      needs the global one.
-With S = sum, log S, lse = M + log S, CX = sum_j c_j (x'_j - M) and K = sum_j c_j, every rank computes
+With S = sum_r s_r e_r, log S = log1p(S - 1) (S - 1: the sum, or the sum - 1 where no rank holds t),
+exact for a confident prediction (x'_t = M, S - 1 tiny: its rank's (s_r - 1) e_r, the others' s_r e_r;
+the other ranks at the max send their whole s_r >= 1, so ties stay exact),
+lse = M + log S, CX = sum_j c_j (x'_j - M) and K = sum_j c_j, every rank computes
   loss = (1 - eps) w_t ((M - x'_t) + log S) + K log S - CX + z lse^2  (probabilities: without the first
   term), and the backward's target mass k = (1 - eps) w_t + K (probabilities: K).
 Bytes per row per rank: 4 (MAX) + 4 per column: 12 in the plain case, 16 with a class weight,
@@ -21,7 +25,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.distributed as dist
 
-from ..backends.pytorch import target_terms
+from ..backends.pytorch import target_gradient, target_terms
 from ..errors import InvalidArgument
 from ..options import Options, Shard, accumulation_dtype
 
@@ -36,6 +40,7 @@ class Rows(NamedTuple):
     lse: torch.Tensor
     k: torch.Tensor  # the global target mass, for the backward
     weight: Optional[torch.Tensor]  # the target's class weight (0 for ignored rows), with a class weight
+    target_shift: Optional[torch.Tensor] = None  # x'_t - lse unrounded (class indices; meaningful where t is here)
 
 
 def _target_hash(target: torch.Tensor) -> torch.Tensor:
@@ -135,7 +140,7 @@ def forward(logits, target, weight, opts: Options, backend, group, vocab_start: 
                                        weight, opts._replace(label_smoothing=1.0), local)
     else:
         states = backend.shard_states(logits, target, weight, opts, local)
-    m, s, cx, k = states.unbind(1)
+    m, s_less_1, cx, k = states.unbind(1)
     big_m, shard = _maximum(m, size, vocab_start, target if hashed is None else hashed, group, False, known)
     if isinstance(shard, str):
         raise InvalidArgument(f"vocab-parallel cross-entropy: {shard}")
@@ -146,13 +151,16 @@ def forward(logits, target, weight, opts: Options, backend, group, vocab_start: 
     elif not soft and eps:
         cx, k = cx * (size / classes), k * (size / classes)
     shift = m - big_m
-    columns = [s * torch.exp(shift)]
+    e = torch.exp(shift)
+    columns = [(s_less_1 + 1) * e]
     if not soft:
         acc = accumulation_dtype(logits.dtype)
         xt, wt, valid, bad, here, _ = target_terms(logits, target, weight, opts, acc, shard)
+        owner = here & valid  # the one rank of the row's target: s_r e_r - 1 without cancellation
+        columns[0] = torch.where(owner, s_less_1 * e + torch.expm1(shift), columns[0])
         columns.append(torch.where(here | bad, xt, torch.zeros_like(xt)))  # NaN for a bad target
         if weight is not None:
-            columns.append(torch.where(here & valid, wt, torch.zeros_like(wt)))
+            columns.append(torch.where(owner, wt, torch.zeros_like(wt)))
     if eps or soft:
         columns.append(cx + k * shift)
     if soft:
@@ -161,7 +169,10 @@ def forward(logits, target, weight, opts: Options, backend, group, vocab_start: 
     buf = torch.cat([torch.stack(columns, 1).reshape(-1), *extra])
     dist.all_reduce(buf, dist.ReduceOp.SUM, group=group)
     summed = buf[:rows * len(columns)].view(rows, len(columns)).unbind(1)
-    log_s = torch.log(summed[0])
+    if soft:  # no rank knows where the mass sits: log S from S, which rounds a confident row's S - 1
+        log_s = torch.log(summed[0])
+    else:  # S - 1: the sum where a rank holds the target; ignored and out-of-range targets: the sum - 1
+        log_s = torch.log1p(torch.where(valid & ~bad, summed[0], summed[0] - 1))
     lse = big_m + log_s
     if soft:
         big_k, big_cx = summed[-1], summed[-2]
@@ -176,4 +187,21 @@ def forward(logits, target, weight, opts: Options, backend, group, vocab_start: 
         loss = loss + big_k * log_s - summed[-1]
         target_mass = keep + big_k
     loss = torch.where(valid, loss, torch.zeros_like(loss))
-    return Rows(loss, lse, torch.as_tensor(target_mass, dtype=lse.dtype, device=lse.device).expand(rows), w_t), shard
+    target_mass = torch.as_tensor(target_mass, dtype=lse.dtype, device=lse.device).expand(rows)
+    return Rows(loss, lse, target_mass, w_t, (summed[1] - big_m) - log_s), shard
+
+
+def target_gradient_of(grad_loss, logits, target, weight, rows: Rows, opts: Options, shard: Shard):
+    """The backends' shard backward sees the rounded lse, and x'_t - lse ~ 0 of a confident prediction loses
+    its bits with it (p_t - 1 with them): the target's rank rewrites that element of each row from the
+    unrounded rows.target_shift, as the whole-row kernels do from (m, log s). Returns (the target's column
+    [rows, 1], its gradient, the rows whose target is here), taken before the backward may overwrite the
+    logits with the gradient. O(rows), no host sync."""
+    acc = rows.lse.dtype
+    xt, wt, valid, _, here, col = target_terms(logits, target, weight, opts, acc, shard)
+    eps = opts.label_smoothing
+    keep_w = (1 - eps) * wt
+    d = target_gradient(rows.target_shift, rows.k + 2 * opts.z_loss * rows.lse, keep_w) - eps / shard.classes * wt
+    if opts.softcap > 0:
+        d = d * (1 - (xt / opts.softcap) ** 2)
+    return col[:, None], d * grad_loss.to(acc), here & valid

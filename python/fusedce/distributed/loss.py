@@ -43,8 +43,14 @@ class Problem:
         return rows
 
     def gradient(self, grad_loss, logits, target, weight, rows: combine.Rows, out=None):
-        return self.backend.shard_backward(grad_loss, logits, target, weight, rows.lse, rows.k, self.options,
-                                           self.shard, out)
+        exact = None if rows.target_shift is None else combine.target_gradient_of(
+            grad_loss, logits, target, weight, rows, self.options, self.shard)
+        out = self.backend.shard_backward(grad_loss, logits, target, weight, rows.lse, rows.k, self.options,
+                                          self.shard, out)
+        if exact is not None:  # out may be the logits: the target terms were read before
+            at, d, here = exact
+            out.scatter_(1, at, torch.where(here[:, None], d[:, None].to(out.dtype), out.gather(1, at)))
+        return out
 
 
 class VocabParallelFunction(torch.autograd.Function):
@@ -55,7 +61,7 @@ class VocabParallelFunction(torch.autograd.Function):
     def forward(ctx, logits, target, weight, problem):
         rows = problem.forward(logits, target, weight)
         denominator = _denominator(target, rows.weight, problem.options.ignore_index, rows.lse.dtype)
-        ctx.save_for_backward(logits, target, weight, rows.lse, rows.k)
+        ctx.save_for_backward(logits, target, weight, rows.lse, rows.k, rows.target_shift)
         ctx.problem = problem
         ctx.mark_non_differentiable(rows.lse, denominator)
         return rows.loss, rows.lse, denominator
@@ -63,8 +69,8 @@ class VocabParallelFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, _grad_lse, _grad_denominator):
-        logits, target, weight, lse, k = ctx.saved_tensors
-        rows = combine.Rows(None, lse, k, None)
+        logits, target, weight, lse, k, target_shift = ctx.saved_tensors
+        rows = combine.Rows(None, lse, k, None, target_shift)
         return ctx.problem.gradient(grad_loss.to(lse.dtype), logits, target, weight, rows), None, None, None
 
 
