@@ -28,8 +28,9 @@ _in_functorch_transform = torch._C._functorch.peek_interpreter_stack
 # saves nothing on so little memory, and a Python autograd Function alone costs about what torch's whole
 # call does (on the 2-core CI machine, an empty Function's forward + backward took 99 us against
 # F.cross_entropy's 100 us at 32x10: no kernel could make up for it). The size comes from
-# `python -m benchmarks.overhead` (see the README).
-TORCH_BELOW_ELEMENTS = 1 << 16
+# `python -m benchmarks.overhead` (see the README): at 256x1000 the kernels' forward took 1.2-1.5x
+# torch's there (its threads were polling from its previous call, ours had to start), at 1024x1000 0.74-0.94x.
+TORCH_BELOW_ELEMENTS = 1 << 18
 
 # The small-input path is counted in instructions (a tensor attribute costs ~500, a tensor method ~1000,
 # torch's whole 32x10 call ~31000): it calls torch's op as F.cross_entropy does, after as few looks at
