@@ -1,9 +1,11 @@
 """fusedce.distributed over gloo on the CPU: each world size (2, 3, 4) is spawned once and runs the
 whole grid of tests/distributed_cases.py; each case here reads its outcome on every rank."""
+import faulthandler
 import json
 import os
 import socket
 import sys
+import warnings
 
 import pytest
 import torch.distributed as dist
@@ -24,13 +26,25 @@ def free_port() -> int:
 
 
 def _worker(rank, world, port, out_dir, case_ids):
+    faulthandler.enable()  # a rank killed by a signal shows its Python stack
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     cases.run(rank, world, port, out_dir, case_ids)
 
 
 def spawn(world, tmp_path_factory, target=_worker, *args):
-    out = str(tmp_path_factory.mktemp(f"world{world}"))
-    mp.spawn(target, args=(world, free_port(), out, *args), nprocs=world, join=True)
+    for attempt in (1, 2):
+        out = str(tmp_path_factory.mktemp(f"world{world}"))
+        try:
+            mp.spawn(target, args=(world, free_port(), out, *args), nprocs=world, join=True)
+            break
+        except mp.ProcessExitedException as e:
+            # A failed case does not end its rank (its outcome is in the JSON); a signal does. Seen twice in
+            # about 20 local runs: SIGABRT ("terminate called without an active exception") on every rank
+            # during the first cases, not reproduced since; the cause is not known yet. One respawn, said
+            # aloud, so that it shows in CI's summary rather than passing silently.
+            if e.signal_name is None or attempt == 2:
+                raise
+            warnings.warn(f"world {world}: {e}; spawned again")
     results = []
     for rank in range(world):
         with open(os.path.join(out, f"rank{rank}.json")) as f:
