@@ -195,7 +195,7 @@ cuda_extension = Pybind11Extension(
 ParallelCompile("FUSEDCE_BUILD_JOBS", needs_recompile=needs_recompile).install()
 setup(
     package_dir={"fusedce": "python/fusedce", "fusedce.triton_kernels": "triton_kernels"},
-    packages=["fusedce", "fusedce.backends", "fusedce.integrations", "fusedce.triton_kernels"],
+    packages=["fusedce", "fusedce.backends", "fusedce.distributed", "fusedce.integrations", "fusedce.triton_kernels"],
     ext_modules=[cpu_extension, cuda_extension],
     cmdclass={"build_ext": BuildExt},
 )
