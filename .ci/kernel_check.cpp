@@ -36,6 +36,7 @@ void check(int64_t rows, int64_t vocab, double label_smoothing, int threads, boo
   a.logits_row_stride = vocab;
   a.rows = rows;
   a.vocab = vocab;
+  a.classes = vocab;  // a whole row: the global classes are the columns
   a.target_index = target.data();
   a.label_smoothing = label_smoothing;
   BackwardIO io{grad_loss.data(), 1, lse.data(), dlogits.data(), vocab};
